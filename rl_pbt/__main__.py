@@ -1,0 +1,29 @@
+"""``python -m rl_pbt``: compose the config with Hydra and call :func:`rl_pbt.run.run`."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from rl_pbt.cli import CONF_DIR, check_group_options, fail
+from rl_pbt.errors import ConfigError
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Tune one population; return the best score (what a Hydra sweeper would optimise)."""
+    from rl_pbt.run import run
+
+    try:
+        summary = run(cfg)
+    except ConfigError as err:
+        fail(err)
+    best = summary.get("best")
+    return best["return"] if best else None
+
+
+if __name__ == "__main__":
+    check_group_options(sys.argv[1:])
+    main()

@@ -1,0 +1,173 @@
+"""What rl_pbt knows about each RLlib algorithm: its valid keys, old names, and invariants.
+
+RLlib's ``AlgorithmConfig.update_from_dict`` stores an unknown key without complaint, so a typo
+or a Ray 2.3 name from the user guide silently does nothing. Every key is therefore checked here
+against the algorithm's own ``to_dict()``; old names are translated with a warning, anything else
+unknown is an error that names the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from rl_pbt.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Ray 2.3 names (as in the user guide) -> today's RLlib names (new API stack, dict form).
+OLD_NAMES: dict[str, str] = {
+    "num_sgd_iter": "num_epochs",
+    "sgd_minibatch_size": "minibatch_size",
+    "train_batch_size": "train_batch_size_per_learner",
+    "num_workers": "num_env_runners",
+    "num_envs_per_worker": "num_envs_per_env_runner",
+    "num_cpus_per_worker": "num_cpus_per_env_runner",
+    "num_cpus": "num_cpus_for_main_process",
+    "num_gpus": "num_gpus_per_learner",
+    "model": "_model_config",
+}
+
+#: Today's names that the dict form spells differently; translated without a warning.
+SPELLINGS: dict[str, str] = {"model_config": "_model_config", "lambda_": "lambda"}
+
+#: Keys rl_pbt sets itself from other config groups; a user never writes them under
+#: ``algorithm.config``.
+MANAGED_KEYS = frozenset({"env", "env_config"})
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """One RLlib algorithm as rl_pbt uses it.
+
+    Attributes:
+        name: RLlib's name for it (``PPO``), used in run names and tags.
+        algorithm_class: import path of the RLlib ``Algorithm`` subclass.
+        config_class: import path of its ``AlgorithmConfig`` subclass (the source of valid keys).
+        invariants: repairs a config dict after PBT perturbed it (e.g. minibatch <= batch).
+        check: rejects a search space that can never satisfy the invariants.
+    """
+
+    name: str
+    algorithm_class: str
+    config_class: str
+    invariants: Callable[[dict[str, Any]], dict[str, Any]]
+    check: Callable[[Mapping[str, Any]], None]
+
+
+def import_object(path: str) -> Any:
+    """Import ``package.module.Name`` or ``package.module:Name``."""
+    module_name, _, attr = path.replace(":", ".").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"cannot import {path!r}: {err}") from None
+
+
+@cache
+def valid_keys(config_class: str) -> frozenset[str]:
+    """Return every key the algorithm's config accepts in dict form.
+
+    ``to_dict()`` names some keys by their private attribute (``_train_batch_size_per_learner``);
+    the public name is accepted too where a settable property of that name exists.
+    """
+    cls = import_object(config_class)
+    keys = set(cls().to_dict())
+    for key in list(keys):
+        public = getattr(cls, key.lstrip("_"), None)
+        if key.startswith("_") and isinstance(public, property) and public.fset is not None:
+            keys.add(key.lstrip("_"))
+    return frozenset(keys)
+
+
+def translate_keys(config: Mapping[str, Any], config_class: str, where: str) -> dict[str, Any]:
+    """Return ``config`` with old names renamed; raise on any key the algorithm does not know.
+
+    Args:
+        config: keys as the user wrote them.
+        config_class: import path of the algorithm's ``AlgorithmConfig``.
+        where: the config path shown in messages (``algorithm.config``).
+    """
+    known = valid_keys(config_class)
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        new_key = OLD_NAMES.get(key, key)
+        if key in SPELLINGS:
+            new_key = SPELLINGS[key]
+        elif new_key != key:
+            log.warning("%s.%s is an old RLlib name; using %s", where, key, new_key)
+        if new_key not in known or new_key in MANAGED_KEYS:
+            raise ConfigError(unknown_key_message(where, key, known - MANAGED_KEYS))
+        if new_key in out:
+            raise ConfigError(f"{where}: {key} and {new_key} both set; keep only {new_key}")
+        out[new_key] = value
+    return out
+
+
+def unknown_key_message(where: str, key: str, known: frozenset[str]) -> str:
+    """Say which key is unknown and which valid key is closest."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else "see the algorithm's AlgorithmConfig"
+    return f"{where}.{key}: unknown key for this algorithm; {hint}"
+
+
+def ppo_invariants(config: dict[str, Any]) -> dict[str, Any]:
+    """Keep PPO's SGD settings consistent: 1 <= minibatch <= train batch, epochs >= 1.
+
+    PBT perturbs each key on its own, so a doubled minibatch can overtake a halved batch;
+    RLlib would then reject the config and the trial would fail.
+    """
+    batch = config.get("train_batch_size_per_learner")
+    if batch is not None:
+        config["train_batch_size_per_learner"] = max(int(batch), 1)
+    if "minibatch_size" in config and config["minibatch_size"] is not None:
+        minibatch = max(int(config["minibatch_size"]), 1)
+        if batch is not None:
+            minibatch = min(minibatch, config["train_batch_size_per_learner"])
+        config["minibatch_size"] = minibatch
+    if "num_epochs" in config:
+        config["num_epochs"] = max(int(config["num_epochs"]), 1)
+    return config
+
+
+def ppo_check(bounds: Mapping[str, Any]) -> None:
+    """Reject a search space whose smallest minibatch exceeds its largest train batch.
+
+    Args:
+        bounds: key -> (lowest, highest) value the key can take, for the keys that are set.
+    """
+    minibatch = bounds.get("minibatch_size")
+    batch = bounds.get("train_batch_size_per_learner")
+    if minibatch and batch and minibatch[0] is not None and minibatch[0] > batch[1]:
+        raise ConfigError(
+            f"minibatch_size: smallest value {minibatch[0]} is larger than the largest "
+            f"train_batch_size_per_learner {batch[1]}; need minibatch_size <= train batch"
+        )
+    epochs = bounds.get("num_epochs")
+    if epochs and epochs[1] < 1:
+        raise ConfigError(f"num_epochs: highest value {epochs[1]} is below 1; need >= 1")
+
+
+#: Invariants per algorithm name. An algorithm without an entry needs only its YAML file.
+RULES: dict[str, tuple[Callable[[dict[str, Any]], dict[str, Any]], Callable[..., None]]] = {
+    "PPO": (ppo_invariants, ppo_check),
+}
+
+
+def algorithm_spec(name: str, algorithm_class: str, config_class: str) -> AlgorithmSpec:
+    """Build the spec from the algorithm's YAML fields plus its rules, if it has any."""
+    invariants, check = RULES.get(name, (_unchanged, _no_check))
+    return AlgorithmSpec(name, algorithm_class, config_class, invariants, check)
+
+
+def _unchanged(config: dict[str, Any]) -> dict[str, Any]:
+    return config
+
+
+def _no_check(bounds: Mapping[str, Any]) -> None:
+    return None

@@ -1,0 +1,45 @@
+"""Command-line checks that run before Hydra, so a misspelt option is one line, not a page."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from rl_pbt.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_SIMPLE_CHOICE = re.compile(r"^[+~]?(?P<group>[A-Za-z_]+)=(?P<options>[\w.,-]*)$")
+
+
+def fail(err: ConfigError) -> NoReturn:
+    """Print one line and exit 2: the entry point's answer to bad input."""
+    print(f"rl_pbt: error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: the YAML files in ``conf/<group>/``."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_group_options(argv: list[str]) -> None:
+    """Reject ``group=option`` overrides whose option does not exist, naming the closest.
+
+    Only plain overrides and comma lists (sweeps) are checked; Hydra's richer override
+    grammar is left to Hydra.
+    """
+    for arg in argv:
+        match = _SIMPLE_CHOICE.match(arg)
+        if not match or not (CONF_DIR / match["group"]).is_dir():
+            continue
+        group, known = match["group"], group_options(match["group"])
+        for option in match["options"].split(","):
+            if option and option != "null" and option not in known:
+                close = difflib.get_close_matches(option, known, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                fail(ConfigError(
+                    f"{group}={option}: no such option; {hint}choose from {', '.join(known)}"
+                ))

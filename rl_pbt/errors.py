@@ -1,0 +1,5 @@
+"""The one exception type for bad input; the entry point turns it into one line and exit 2."""
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot work, with what would be accepted instead."""

@@ -1,0 +1,308 @@
+"""Composed Hydra config -> :class:`~rl_pbt.plan.Plan`. The only module that reads OmegaConf.
+
+Every key and value is checked here, before Ray or MLflow is touched, so that bad input ends
+in one :class:`~rl_pbt.errors.ConfigError` and nothing half-written.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from rl_pbt.algorithms import AlgorithmSpec, algorithm_spec, import_object, translate_keys
+from rl_pbt.distributions import Distribution, as_distribution
+from rl_pbt.envs import make_from_entry_point
+from rl_pbt.errors import ConfigError
+from rl_pbt.plan import EnvSpec, Plan, Resources, SchedulerSpec, StopRule, Tracking
+
+GROUPS = ("env", "algorithm", "mutations", "scheduler", "stopper", "resources", "tracking")
+SCHEDULERS = ("pbt",)
+TRACKING_BACKENDS = ("mlflow", "none")
+
+
+def resolve(
+    cfg: DictConfig,
+    output_dir: Path,
+    choices: Mapping[str, str] | None = None,
+    launch_dir: Path | None = None,
+) -> Plan:
+    """Check the whole config and turn it into a Plan.
+
+    Args:
+        cfg: the composed config (``@hydra.main`` or ``hydra.compose``).
+        output_dir: the run's output folder; every artifact goes below it.
+        choices: the option picked in each group, for tags and the summary.
+        launch_dir: where relative tracking paths are anchored (default: current directory).
+    """
+    plain = _to_plain(cfg)
+    algorithm = algorithm_spec(
+        _require(plain, "algorithm.name"),
+        _require(plain, "algorithm.algorithm_class"),
+        _require(plain, "algorithm.config_class"),
+    )
+    env = resolve_env(plain["env"])
+    fixed, initial = resolve_algorithm_config(plain, algorithm, env)
+    mutations = resolve_mutations(plain["mutations"], algorithm)
+    population = _positive_int(plain, "population")
+    scheduler = resolve_scheduler(plain["scheduler"], population)
+    param_space = {**fixed, **{key: dist.to_tune() for key, dist in initial.items()}}
+    start = plain["mutations"].get("start", "sample")
+    for key, dist in mutations.items():
+        if start == "sample" or key not in param_space:
+            param_space[key] = dist.to_tune()
+    algorithm.check(_bounds(fixed, initial, mutations))
+    seed = plain.get("seed")
+    seed = random.randrange(2**31) if seed is None else int(seed)
+    return Plan(
+        name=f"{algorithm.name}-{env.id}",
+        algorithm=algorithm,
+        env=env,
+        param_space=param_space,
+        initial_config=_first_draw(param_space),
+        mutations=mutations,
+        scheduler=scheduler,
+        stop=resolve_stop(plain, env),
+        resources=resolve_resources(plain["resources"]),
+        tracking=resolve_tracking(plain["tracking"], launch_dir or Path.cwd()),
+        population=population,
+        seed=seed,
+        num_to_keep=_positive_int(plain, "checkpoint.num_to_keep"),
+        max_failures=int(plain.get("max_failures", 0)),
+        output_dir=Path(output_dir),
+        choices=dict(choices or {}),
+        config_yaml=OmegaConf.to_yaml(cfg),
+    )
+
+
+def _to_plain(cfg: DictConfig) -> dict[str, Any]:
+    """Resolve interpolations; a missing mandatory value (``???``) names its key."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{err.full_key}: no value given; set it on the command line") from None
+
+
+def _require(plain: Mapping[str, Any], path: str) -> Any:
+    node: Any = plain
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ConfigError(f"{path}: missing from the config")
+        node = node[part]
+    return node
+
+
+def _positive_int(plain: Mapping[str, Any], path: str, minimum: int = 1) -> int:
+    value = _require(plain, path)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{path}: must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def resolve_env(env: Mapping[str, Any]) -> EnvSpec:
+    """Check the env exists and learn its action space, by building it once."""
+    env_config = dict(env.get("env_config") or {})
+    entry_point = env.get("entry_point")
+    target = env.get("target_return")
+    if not isinstance(target, (int, float)) or isinstance(target, bool):
+        raise ConfigError(f"env.target_return: must be a number, got {target!r}")
+    instance = _make_env(env["id"], entry_point, env_config)
+    try:
+        continuous = isinstance(instance.action_space, gym.spaces.Box)
+    finally:
+        instance.close()
+    model_config = env.get("model_config") or {}
+    if model_config.get("free_log_std") and not continuous:
+        raise ConfigError(
+            f"env.model_config.free_log_std: only for continuous (Box) action spaces; "
+            f"{env['id']} has {instance.action_space}"
+        )
+    return EnvSpec(env["id"], entry_point, env_config, float(target), continuous)
+
+
+def _make_env(env_id: str, entry_point: str | None, env_config: dict[str, Any]) -> gym.Env:
+    if entry_point:
+        import_object(entry_point)  # a bad path is a ConfigError that names it
+        try:
+            return make_from_entry_point(entry_point, env_config)
+        except TypeError as err:
+            raise ConfigError(f"env.env_config: {entry_point} rejects it: {err}") from None
+    try:
+        gym.spec(env_id)
+    except gym.error.Error:
+        raise ConfigError(
+            f"env.id: unknown gymnasium id {env_id!r}; use a registered id such as "
+            "CartPole-v1, or env=entry_point env.entry_point=module:Class"
+        ) from None
+    try:
+        return gym.make(env_id, **env_config)
+    except TypeError as err:
+        raise ConfigError(f"env.env_config: {env_id} rejects it: {err}") from None
+
+
+def resolve_algorithm_config(
+    plain: Mapping[str, Any], algorithm: AlgorithmSpec, env: EnvSpec
+) -> tuple[dict[str, Any], dict[str, Distribution]]:
+    """Return the fixed RLlib keys and the keys whose starting value is drawn per trial."""
+    config = translate_keys(plain["algorithm"].get("config") or {}, algorithm.config_class,
+                            "algorithm.config")
+    resources = translate_keys(plain["resources"].get("config") or {}, algorithm.config_class,
+                               "resources.config")
+    fixed: dict[str, Any] = {**config, **resources}
+    model = {**(fixed.pop("_model_config", None) or {}), **(plain["env"].get("model_config") or {})}
+    fixed["_model_config"] = model
+    fixed["env"] = env.rllib_name
+    fixed["env_config"] = env.env_config
+    initial: dict[str, Distribution] = {}
+    for key, value in list(fixed.items()):
+        if isinstance(value, Mapping) and "_target_" in value:
+            initial[key] = _instantiate(value, f"algorithm.config.{key}")
+            del fixed[key]
+    return fixed, initial
+
+
+def resolve_mutations(mutations: Mapping[str, Any], algorithm: AlgorithmSpec) -> dict[str, Any]:
+    """Instantiate every mutation spec; keys are checked and translated like config keys."""
+    start = mutations.get("start", "sample")
+    if start not in ("sample", "config"):
+        raise ConfigError(f"mutations.start: must be 'sample' or 'config', got {start!r}")
+    specs = translate_keys(mutations.get("hyperparams") or {}, algorithm.config_class,
+                           "mutations.hyperparams")
+    if not specs:
+        raise ConfigError("mutations.hyperparams: empty; PBT needs at least one key to mutate")
+    return {key: _instantiate(spec, f"mutations.hyperparams.{key}") for key, spec in specs.items()}
+
+
+def _instantiate(spec: Any, where: str) -> Distribution:
+    """Instantiate one distribution spec, naming its config path in any error."""
+    if isinstance(spec, Mapping):
+        try:
+            spec = instantiate(spec, _convert_="all")
+        except InstantiationException as err:
+            cause = err.__cause__
+            reason = str(cause) if isinstance(cause, ConfigError) else _first_line(err)
+            raise ConfigError(f"{where}: {reason}") from None
+    try:
+        return as_distribution(spec)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0]
+
+
+def _bounds(
+    fixed: Mapping[str, Any], initial: Mapping[str, Distribution], mutations: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
+    """Lowest and highest value each numeric key can take over a whole run."""
+    bounds: dict[str, tuple[Any, Any]] = {}
+    for key, value in fixed.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            bounds[key] = (value, value)
+    for source in (initial, mutations):
+        for key, dist in source.items():
+            low, high = bounds.get(key, (dist.low, dist.high))
+            bounds[key] = (min(low, dist.low), max(high, dist.high))
+    return bounds
+
+
+def _first_draw(param_space: Mapping[str, Any]) -> dict[str, Any]:
+    """One concrete config from the param space: what resource checks are computed on."""
+    return {k: v.sample() if hasattr(v, "sample") else v for k, v in param_space.items()}
+
+
+def resolve_scheduler(scheduler: Mapping[str, Any], population: int) -> SchedulerSpec:
+    """Check PBT's knobs with messages that say what is accepted."""
+    name = scheduler.get("name")
+    if name not in SCHEDULERS:
+        raise ConfigError(f"scheduler.name: unknown {name!r}; known: {', '.join(SCHEDULERS)}")
+    if population < 2:
+        raise ConfigError(f"population: PBT needs at least 2 trials, got {population}")
+    options = {k: v for k, v in scheduler.items() if k != "name"}
+    _check_number(options, "perturbation_interval", low=0, low_open=True)
+    _check_number(options, "burn_in_period", low=0)
+    _check_number(options, "quantile_fraction", low=0, high=0.5, low_open=True)
+    _check_number(options, "resample_probability", low=0, high=1)
+    factors = options.get("perturbation_factors")
+    if not (isinstance(factors, list) and factors and all(_is_number(f) for f in factors)):
+        raise ConfigError(f"scheduler.perturbation_factors: a list of numbers, got {factors!r}")
+    options["perturbation_factors"] = tuple(factors)
+    return SchedulerSpec(name, options)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_number(
+    options: Mapping[str, Any], key: str, low: float, high: float | None = None,
+    low_open: bool = False,
+) -> None:
+    value = options.get(key)
+    too_low = _is_number(value) and (value <= low if low_open else value < low)
+    too_high = _is_number(value) and high is not None and value > high
+    if not _is_number(value) or too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}" + (
+            "]" if high is not None else ")")
+        raise ConfigError(f"scheduler.{key}: must be a number in {interval}, got {value!r}")
+
+
+def resolve_stop(plain: Mapping[str, Any], env: EnvSpec) -> StopRule:
+    """The stop rule: iterations, return target, env-step and wall-time budgets."""
+    stop = plain["stopper"]
+    mode = plain.get("mode")
+    if mode not in ("max", "min"):
+        raise ConfigError(f"mode: must be 'max' or 'min', got {mode!r}")
+    for key in ("max_iterations", "max_env_steps", "max_seconds"):
+        value = stop.get(key)
+        if value is not None and (not _is_number(value) or value <= 0):
+            raise ConfigError(f"stopper.{key}: must be a positive number or null, got {value!r}")
+    target = stop.get("target_return")
+    if target is not None and not _is_number(target):
+        raise ConfigError(f"stopper.target_return: must be a number or null, got {target!r}")
+    return StopRule(
+        metric=str(plain["metric"]),
+        mode=mode,
+        max_iterations=stop.get("max_iterations"),
+        target_return=target,
+        max_env_steps=stop.get("max_env_steps"),
+        max_seconds=stop.get("max_seconds"),
+    )
+
+
+def resolve_resources(resources: Mapping[str, Any]) -> Resources:
+    """Where Ray runs; CPU and concurrency limits are checked against it in ``cluster``."""
+    for key in ("num_cpus", "max_concurrent_trials"):
+        value = resources.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"resources.{key}: must be an integer >= 1 or null, got {value!r}")
+    return Resources(
+        address=resources.get("address"),
+        num_cpus=resources.get("num_cpus"),
+        max_concurrent_trials=resources.get("max_concurrent_trials"),
+    )
+
+
+def resolve_tracking(tracking: Mapping[str, Any], launch_dir: Path) -> Tracking:
+    """Pick the backend; anchor a relative SQLite path at the launch directory."""
+    backend = tracking.get("backend")
+    if backend not in TRACKING_BACKENDS:
+        raise ConfigError(
+            f"tracking.backend: unknown {backend!r}; known: {', '.join(TRACKING_BACKENDS)}"
+        )
+    if backend == "none":
+        return Tracking("none", None, None)
+    uri = str(tracking.get("tracking_uri") or "sqlite:///mlflow.db")
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str((launch_dir / uri[len(prefix):]).resolve())
+    name = tracking.get("experiment_name") or "rl_pbt"
+    return Tracking(backend, uri, str(name))

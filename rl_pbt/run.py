@@ -1,0 +1,144 @@
+"""Plan -> Tuner -> fit -> summary. ``run(cfg)`` is what the CLI, sweeps, tests and scripts call."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from rl_pbt import cluster, envs
+from rl_pbt.plan import Plan
+from rl_pbt.resolve import resolve
+from rl_pbt.schedulers import RecordingPBT, build_scheduler
+from rl_pbt.stopping import PlanStopper
+from rl_pbt.summary import build_summary, format_summary, write_summary
+from rl_pbt.tracking import MlflowTracker, check_reachable, ui_command
+from rl_pbt.trainable import pbt_trainable
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
+    """Resolve the config, tune the population, and return the summary.
+
+    Args:
+        cfg: the composed config.
+        output_dir: where everything is written; default: Hydra's output folder.
+    """
+    info = hydra_info(output_dir)
+    plan = resolve(cfg, info["output_dir"], info["choices"])
+    plan = _with_command(plan, info["command"])
+    return execute(plan, info["tags"])
+
+
+def hydra_info(output_dir: Path | None) -> dict[str, Any]:
+    """Output folder, group choices, sweep tags and command line from Hydra, when it runs."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    info: dict[str, Any] = {"output_dir": output_dir, "choices": {}, "tags": {},
+                            "command": " ".join(["python -m rl_pbt", *sys.argv[1:]])}
+    if not HydraConfig.initialized():
+        if output_dir is None:
+            raise ValueError("output_dir is required outside a Hydra run")
+        return info
+    hc = HydraConfig.get()
+    info["output_dir"] = Path(output_dir or hc.runtime.output_dir)
+    info["choices"] = {k: str(v) for k, v in hc.runtime.choices.items()
+                       if not k.startswith("hydra") and v is not None}
+    overrides = list(hc.overrides.task)
+    info["command"] = " ".join(["python -m rl_pbt", *overrides])
+    if hc.mode == RunMode.MULTIRUN:
+        info["tags"] = {"rl_pbt.sweep": str(Path(hc.sweep.dir).resolve()),
+                        "rl_pbt.sweep_job": str(hc.job.num)}
+    return info
+
+
+def _with_command(plan: Plan, command: str) -> Plan:
+    from dataclasses import replace
+
+    return replace(plan, command=command)
+
+
+def execute(plan: Plan, tags: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run a resolved plan end to end; every check that can fail does so before training."""
+    started = time.monotonic()
+    if plan.tracking.enabled:
+        check_reachable(plan.tracking)
+    cluster.start_ray(plan)
+    fit = cluster.concurrency(plan)
+    print(fit.report(), flush=True)
+    envs.register(plan.env)
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    scheduler = build_scheduler(plan)
+    tracker = MlflowTracker(plan) if plan.tracking.enabled else None
+    tracking = _open_tracking(tracker, plan, scheduler, tags or {})
+    try:
+        results = make_tuner(plan, scheduler, tracker, fit.concurrent).fit()
+    except BaseException:
+        if tracker:
+            tracker.close(None, "KILLED")
+        raise
+    exploits: dict[str, int] = {}
+    for event in scheduler.events:
+        exploits[event.trial_id] = exploits.get(event.trial_id, 0) + 1
+    summary = build_summary(plan, results, exploits, time.monotonic() - started, fit.report(),
+                            tracking)
+    write_summary(summary, plan.output_dir)
+    if tracker:
+        tracker.close(summary)
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def _open_tracking(
+    tracker: MlflowTracker | None, plan: Plan, scheduler: RecordingPBT, tags: Mapping[str, str]
+) -> dict[str, Any] | None:
+    if tracker is None:
+        return None
+    parent = tracker.open(tags)
+    scheduler.listeners.append(tracker.on_exploit)
+    return {
+        "tracking_uri": plan.tracking.tracking_uri,
+        "experiment_name": plan.tracking.experiment_name,
+        "experiment_id": tracker.experiment_id,
+        "parent_run_id": parent,
+        "ui_command": ui_command(plan.tracking),
+    }
+
+
+def make_tuner(
+    plan: Plan, scheduler: RecordingPBT, tracker: MlflowTracker | None, concurrent: int
+) -> Any:
+    """The Tuner: PBT-ready trainable, reused actors, checkpoints and results in the run folder."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    param_space = {**plan.param_space, "seed": tune.randint(0, 2**31 - 1)}
+    return tune.Tuner(
+        pbt_trainable(plan.algorithm.algorithm_class),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            num_samples=plan.population,
+            scheduler=scheduler,
+            search_alg=BasicVariantGenerator(random_state=plan.seed),
+            reuse_actors=True,
+            max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=str(plan.output_dir.resolve()),
+            stop=PlanStopper(plan.stop),
+            callbacks=[tracker] if tracker else [],
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=plan.num_to_keep, checkpoint_at_end=True
+            ),
+            failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+            verbose=1,
+        ),
+    )

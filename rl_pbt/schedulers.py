@@ -1,0 +1,72 @@
+"""Trial schedulers built from the plan, and the exploit events they report.
+
+Ray's ``PopulationBasedTraining`` logs exploits to text files only; tracking needs them as they
+happen (which trial cloned which, at which iteration, old -> new values), so the subclass here
+tells its listeners at every exploit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import PopulationBasedTraining
+
+from rl_pbt.explore import Explore
+from rl_pbt.plan import Plan
+
+
+@dataclass(frozen=True)
+class ExploitEvent:
+    """One exploit: ``trial`` took ``source``'s checkpoint and a perturbed config."""
+
+    trial_id: str
+    source_id: str
+    iteration: int
+    source_iteration: int
+    old: dict[str, Any]
+    new: dict[str, Any]
+    wall_time: float
+
+
+class RecordingPBT(PopulationBasedTraining):
+    """``PopulationBasedTraining`` that reports every exploit to its listeners."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.listeners: list[Callable[[ExploitEvent], None]] = []
+        self.events: list[ExploitEvent] = []
+
+    def _exploit(self, tune_controller: Any, trial: Trial, trial_to_clone: Trial) -> None:
+        keys = list(self._hyperparam_mutations)
+        old = {k: trial.config.get(k) for k in keys}
+        iteration = trial.last_result.get("training_iteration", 0)
+        source_iteration = trial_to_clone.last_result.get("training_iteration", 0)
+        super()._exploit(tune_controller, trial, trial_to_clone)
+        event = ExploitEvent(
+            trial_id=trial.trial_id,
+            source_id=trial_to_clone.trial_id,
+            iteration=int(iteration),
+            source_iteration=int(source_iteration),
+            old=old,
+            new={k: trial.config.get(k) for k in keys},
+            wall_time=time.time(),
+        )
+        self.events.append(event)
+        for listener in self.listeners:
+            listener(event)
+
+
+def build_scheduler(plan: Plan) -> RecordingPBT:
+    """Make the PBT scheduler with the plan's mutations and the safe explore step."""
+    options = dict(plan.scheduler.options)
+    return RecordingPBT(
+        metric=plan.stop.metric,
+        mode=plan.stop.mode,
+        hyperparam_mutations={k: d.for_pbt() for k, d in plan.mutations.items()},
+        custom_explore_fn=Explore(plan.mutations, plan.algorithm.invariants),
+        **options,
+    )

@@ -1,0 +1,220 @@
+"""MLflow tracking that survives PBT: a parent run per experiment, a child run per trial.
+
+Ray's ``MLflowLoggerCallback`` logs every config key as a param at every trial start, and a PBT
+exploit restarts a trial with new values, so MLflow refuses ("Changing param values is not
+allowed") and the whole tuning run dies. Here params are written once, at a trial's first start;
+mutated hyperparameters are metrics (one chart per trial schedule) and every exploit is recorded
+as a tag, a metric and a JSON artifact on the trial's child run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+
+from rl_pbt.errors import ConfigError
+from rl_pbt.plan import Plan, Tracking
+from rl_pbt.schedulers import ExploitEvent
+from rl_pbt.stopping import ENV_STEPS, result_value
+
+PARENT_TAG = "mlflow.parentRunId"
+#: Result keys logged as metrics at every iteration, under these names.
+RESULT_METRICS = {
+    "env_runners/episode_return_mean": "episode_return_mean",
+    "env_runners/episode_len_mean": "episode_len_mean",
+    ENV_STEPS: "env_steps",
+    "training_iteration": "training_iteration",
+    "time_total_s": "time_total_s",
+    "time_this_iter_s": "time_this_iter_s",
+}
+
+
+def check_reachable(tracking: Tracking, timeout: float = 5.0) -> None:
+    """Fail fast, before training, when the tracking store cannot be used."""
+    uri = tracking.tracking_uri or ""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as reply:
+                if reply.status != 200:
+                    raise ConfigError(f"tracking.tracking_uri: {uri} answered {reply.status}")
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ConfigError(
+                f"tracking.tracking_uri: cannot reach MLflow at {uri} ({reason}); start the "
+                "server, fix the URI, or use tracking=none"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(f"tracking.tracking_uri: {folder} is not a writable folder")
+
+
+def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a config to ``a.b -> str`` pairs, as MLflow params (strings, 6000 chars max)."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flat_params(value, f"{name}."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class MlflowTracker(Callback):
+    """Tune callback that writes the experiment into MLflow as parent and child runs."""
+
+    def __init__(self, plan: Plan) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.plan = plan
+        self.client = MlflowClient(tracking_uri=plan.tracking.tracking_uri)
+        self.mutated = list(plan.mutations)
+        self.parent_id = ""
+        self.experiment_id = ""
+        self.children: dict[str, str] = {}
+        self.steps: dict[str, int] = {}
+        self.exploits: dict[str, int] = {}
+
+    # -- the parent run -------------------------------------------------------------------
+    def open(self, extra_tags: Mapping[str, str]) -> str:
+        """Create the parent run, nested under an active run when there is one."""
+        active = _active_run_id()
+        if active:
+            self.experiment_id = self.client.get_run(active).info.experiment_id
+        else:
+            self.experiment_id = self._experiment_id(self.plan.tracking.experiment_name or "")
+        tags = {f"rl_pbt.{group}": option for group, option in self.plan.choices.items()}
+        tags.update(extra_tags)
+        tags["mlflow.runName"] = self.plan.name
+        if active:
+            tags[PARENT_TAG] = active
+        run = self.client.create_run(self.experiment_id, tags=tags)
+        self.parent_id = run.info.run_id
+        self.client.log_text(self.parent_id, self.plan.config_yaml, "config.yaml")
+        params = {"population": self.plan.population, "seed": self.plan.seed,
+                  "command": self.plan.command}
+        for key, value in params.items():
+            self.client.log_param(self.parent_id, key, str(value)[:6000])
+        return self.parent_id
+
+    def _experiment_id(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        return found.experiment_id if found else self.client.create_experiment(name)
+
+    def close(self, summary: Mapping[str, Any] | None, status: str = "FINISHED") -> None:
+        """Write the best trial's summary to the parent and end it."""
+        if summary:
+            self.client.log_dict(self.parent_id, dict(summary), "summary.json")
+            best = summary.get("best") or {}
+            for key, value in (best.get("hyperparameters") or {}).items():
+                self.client.log_param(self.parent_id, f"best.{key}", str(value))
+            metrics = {"best_return": best.get("return"), "best_env_steps": best.get("env_steps")}
+            for key, value in metrics.items():
+                if _finite(value):
+                    self.client.log_metric(self.parent_id, key, float(value))
+            for key in ("trial_id", "checkpoint"):
+                if best.get(key):
+                    self.client.set_tag(self.parent_id, f"best.{key}", str(best[key]))
+        self.client.set_terminated(self.parent_id, status)
+
+    # -- one child run per trial ----------------------------------------------------------
+    def _child(self, trial: Trial) -> str:
+        run_id = self.children.get(trial.trial_id)
+        if run_id:
+            return run_id
+        tags = {PARENT_TAG: self.parent_id, "mlflow.runName": str(trial),
+                "rl_pbt.trial_id": trial.trial_id}
+        run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
+        self.children[trial.trial_id] = run_id
+        self.steps[trial.trial_id] = 0
+        self.exploits[trial.trial_id] = 0
+        fixed = {k: v for k, v in trial.config.items() if k not in self.mutated}
+        params = flat_params(fixed)
+        params.update({f"start.{k}": str(trial.config.get(k)) for k in self.mutated})
+        _log_params(self.client, run_id, params)
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        self._child(trial)
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
+    ) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self._child(trial)
+        self.steps[trial.trial_id] += 1
+        step = self.steps[trial.trial_id]
+        stamp = int(result.get("timestamp", 0) * 1000)
+        values = {name: result_value(result, key) for key, name in RESULT_METRICS.items()}
+        values.update({f"hp.{k}": trial.config.get(k) for k in self.mutated})
+        metrics = [Metric(name, float(v), stamp, step) for name, v in values.items() if _finite(v)]
+        self.client.log_batch(run_id, metrics=metrics)
+
+    def on_exploit(self, event: ExploitEvent) -> None:
+        """Record an exploit on the trial that received the clone (never as params)."""
+        if event.trial_id not in self.children:
+            return
+        run_id = self.children[event.trial_id]
+        self.exploits[event.trial_id] += 1
+        count = self.exploits[event.trial_id]
+        changes = ", ".join(f"{k} {event.old.get(k)!r} -> {event.new.get(k)!r}" for k in event.new)
+        line = (f"cloned {event.source_id} (iteration {event.source_iteration}) at iteration "
+                f"{event.iteration}: {changes}")
+        self.client.set_tag(run_id, f"rl_pbt.exploit.{count:03d}", line[:5000])
+        self.client.log_metric(run_id, "pbt.exploits", count, step=self.steps[event.trial_id])
+        self.client.log_dict(run_id, event.__dict__, f"exploits/{count:03d}.json")
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        self._end(trial, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        self._end(trial, "FAILED")
+
+    def _end(self, trial: Trial, status: str) -> None:
+        run_id = self._child(trial)
+        self.client.set_tag(run_id, "rl_pbt.exploit_count", str(self.exploits[trial.trial_id]))
+        self.client.set_terminated(run_id, status)
+
+
+def _log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:
+    """Log params in batches of 100 (MLflow's limit per call)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for batch in _chunks(items, 100):
+        client.log_batch(run_id, params=batch)
+
+
+def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _active_run_id() -> str | None:
+    """The run this process is already inside: ``mlflow.start_run`` or ``MLFLOW_RUN_ID``."""
+    import mlflow
+
+    active = mlflow.active_run()
+    return active.info.run_id if active else os.environ.get("MLFLOW_RUN_ID")
+
+
+def ui_command(tracking: Tracking) -> str:
+    """The command that opens the MLflow UI on this store."""
+    uri = tracking.tracking_uri or ""
+    if uri.startswith("http"):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"

@@ -1,0 +1,124 @@
+"""Config -> Plan: every option of every group resolves; the guide's setup; bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import compose_config
+from ray.tune.search.sample import Categorical, Domain
+
+from rl_pbt.cli import group_options
+from rl_pbt.distributions import Grid, RandInt, Uniform
+from rl_pbt.errors import ConfigError
+from rl_pbt.resolve import GROUPS, resolve
+
+#: Options that need a value from the user (``???``), with one that works.
+NEEDS = {
+    ("env", "gym"): ["env.id=MountainCar-v0", "env.target_return=-110"],
+    ("env", "entry_point"): [
+        "env.entry_point=gymnasium.envs.classic_control.cartpole:CartPoleEnv",
+        "env.target_return=400",
+    ],
+}
+GROUP_OPTIONS = [(g, o) for g in (*GROUPS, "experiment") for o in group_options(g)]
+
+
+def plan_for(overrides: list[str], tmp_path: Path):
+    return resolve(compose_config(overrides), tmp_path, launch_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
+def test_every_option_composes_and_resolves(group, option, tmp_path):
+    overrides = [f"{group}={option}", *NEEDS.get((group, option), [])]
+    plan = plan_for(overrides, tmp_path)
+    assert plan.mutations
+    for key in plan.mutations:
+        assert key in plan.param_space
+    assert plan.param_space["env"] == plan.env.rllib_name
+    assert plan.population >= 2
+
+
+def test_every_group_has_options():
+    for group in (*GROUPS, "experiment"):
+        assert group_options(group), group
+
+
+def test_guide_setup_resolves_to_the_guides_values(tmp_path):
+    plan = plan_for(["experiment=seed"], tmp_path)
+    m = plan.mutations
+    assert m["lambda"] == Uniform(0.9, 1.0)
+    assert m["clip_param"] == Uniform(0.01, 0.5)
+    assert isinstance(m["lr"], Grid) and list(m["lr"].values) == [1e-3, 5e-4, 1e-4, 5e-5, 1e-5]
+    assert m["num_epochs"] == RandInt(1, 30)
+    assert m["minibatch_size"] == RandInt(128, 16384)
+    assert m["train_batch_size_per_learner"] == RandInt(2000, 160000)
+    space = plan.param_space
+    assert (space["kl_coeff"], space["lambda"], space["clip_param"], space["lr"]) == (
+        1.0, 0.95, 0.2, 1e-4)
+    for key, values in (("num_epochs", [10, 20, 30]), ("minibatch_size", [128, 512, 2048]),
+                        ("train_batch_size_per_learner", [10000, 20000, 40000])):
+        assert isinstance(space[key], Categorical) and space[key].categories == values
+    assert space["num_env_runners"] == 4
+    assert space["num_cpus_for_main_process"] == 1
+    assert space["num_gpus_per_learner"] == 0
+    assert "free_log_std" not in space["_model_config"]  # CartPole: discrete actions
+    options = plan.scheduler.options
+    assert options["time_attr"] == "time_total_s"
+    assert options["perturbation_interval"] == 120
+    assert options["resample_probability"] == 0.25
+    assert (plan.stop.max_iterations, plan.stop.target_return) == (100, 300)
+
+
+def test_guide_setup_on_a_continuous_env_sets_free_log_std(tmp_path):
+    plan = plan_for(["experiment=seed", "env=pendulum"], tmp_path)
+    assert plan.param_space["_model_config"]["free_log_std"] is True
+    assert plan.env.continuous_actions
+
+
+def test_start_sample_draws_initial_values_from_the_mutations(tmp_path):
+    plan = plan_for(["mutations=narrow"], tmp_path)
+    assert isinstance(plan.param_space["lr"], Domain)
+    assert 1e-4 <= plan.initial_config["lr"] <= 1e-3
+
+
+def test_old_names_in_overrides_are_translated(tmp_path):
+    plan = plan_for(["+algorithm.config.num_sgd_iter=7", "~algorithm.config.num_epochs",
+                     "mutations=seed"], tmp_path)
+    assert plan.param_space["num_epochs"] == 7
+
+
+def test_relative_sqlite_uri_is_anchored_at_the_launch_dir(tmp_path):
+    plan = plan_for([], tmp_path)
+    assert plan.tracking.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["env.id=NoSuchEnv-v0"], "env.id: unknown gymnasium id 'NoSuchEnv-v0'"),
+        (["+algorithm.config.clip_parm=0.3"], "did you mean 'clip_param'"),
+        (["mutations.hyperparams.clip_param.low=0.6"],
+         "mutations.hyperparams.clip_param: Uniform: low=0.6 is greater than high=0.3"),
+        (["mutations.hyperparams.lr.low=0"],
+         "mutations.hyperparams.lr: LogUniform: log scale needs low > 0"),
+        (["mutations=seed", "mutations.hyperparams.lr=[]"],
+         "mutations.hyperparams.lr: Grid: values is empty"),
+        (["algorithm.config.minibatch_size=5000"],
+         "minibatch_size: smallest value 5000 is larger than the largest "
+         "train_batch_size_per_learner 2000"),
+        (["population=1"], "population: PBT needs at least 2 trials, got 1"),
+        (["scheduler.quantile_fraction=0.7"], "scheduler.quantile_fraction: must be a number"),
+        (["env=gym"], "env.id: no value given"),
+        (["env=pendulum", "env.model_config.free_log_std=true", "env.id=CartPole-v1"],
+         "free_log_std: only for continuous"),
+        (["env=entry_point", "env.entry_point=no.such:Env", "env.target_return=1"],
+         "cannot import 'no.such:Env'"),
+        (["tracking.backend=wandb"], "tracking.backend: unknown 'wandb'"),
+    ],
+)
+def test_bad_input_is_one_config_error(overrides, message, tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        plan_for(overrides, tmp_path)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
