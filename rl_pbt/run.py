@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import sys
 import time
 from collections.abc import Mapping
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 
 from rl_pbt import cluster, envs
 from rl_pbt.plan import Plan
+from rl_pbt.records import RunRecorder
 from rl_pbt.resolve import resolve
 from rl_pbt.schedulers import RecordingPBT, build_scheduler
 from rl_pbt.stopping import PlanStopper
@@ -75,11 +77,16 @@ def execute(plan: Plan, tags: Mapping[str, str] | None = None) -> dict[str, Any]
     print(fit.report(), flush=True)
     envs.register(plan.env)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
+    _quiet_known_noise()
+    random.seed(plan.seed)  # PBT draws its quantile picks and perturbations from `random`
     scheduler = build_scheduler(plan)
+    recorder = RunRecorder(plan.output_dir, plan.stop.metric, list(plan.mutations))
+    scheduler.listeners.append(recorder.on_exploit)
     tracker = MlflowTracker(plan) if plan.tracking.enabled else None
     tracking = _open_tracking(tracker, plan, scheduler, tags or {})
+    callbacks = [recorder, tracker] if tracker else [recorder]
     try:
-        results = make_tuner(plan, scheduler, tracker, fit.concurrent).fit()
+        results = make_tuner(plan, scheduler, callbacks, fit.concurrent).fit()
     except BaseException:
         if tracker:
             tracker.close(None, "KILLED")
@@ -94,6 +101,15 @@ def execute(plan: Plan, tags: Mapping[str, str] | None = None) -> dict[str, Any]
         tracker.close(summary)
     print(format_summary(summary), flush=True)
     return summary
+
+
+def _quiet_known_noise() -> None:
+    """Silence Tune's "Remote file not found" warning on every PBT resume.
+
+    It reports the result.json sync gap that ``rl_pbt.records`` works around; shown to a user
+    it only suggests a problem that rl_pbt's own records do not have.
+    """
+    logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)
 
 
 def _open_tracking(
@@ -112,9 +128,7 @@ def _open_tracking(
     }
 
 
-def make_tuner(
-    plan: Plan, scheduler: RecordingPBT, tracker: MlflowTracker | None, concurrent: int
-) -> Any:
+def make_tuner(plan: Plan, scheduler: RecordingPBT, callbacks: list[Any], concurrent: int) -> Any:
     """The Tuner: PBT-ready trainable, reused actors, checkpoints and results in the run folder."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -126,15 +140,14 @@ def make_tuner(
         tune_config=tune.TuneConfig(
             num_samples=plan.population,
             scheduler=scheduler,
-            search_alg=BasicVariantGenerator(random_state=plan.seed),
+            search_alg=BasicVariantGenerator(random_state=plan.seed, max_concurrent=concurrent),
             reuse_actors=True,
-            max_concurrent_trials=concurrent,
         ),
         run_config=tune.RunConfig(
             name="tune",
             storage_path=str(plan.output_dir.resolve()),
             stop=PlanStopper(plan.stop),
-            callbacks=[tracker] if tracker else [],
+            callbacks=callbacks,
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=plan.num_to_keep, checkpoint_at_end=True
             ),

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Overrides that shrink a run to seconds: tiny batches, few iterations, frequent perturbation.
 TINY = [
     "population=4",
-    "stopper.max_iterations=6",
+    "stopper.max_iterations=8",
+    "scheduler.quantile_fraction=0.5",
     "scheduler.perturbation_interval=2",
     "algorithm.config.train_batch_size_per_learner=400",
     "algorithm.config.minibatch_size=100",

@@ -1,0 +1,61 @@
+"""Every result and every exploit as JSON lines in the run folder, written as they happen.
+
+Tune's own ``result.json`` is staged on the driver and synced to the run folder; when PBT pauses
+and resumes a trial, Tune copies the synced (older) file back over the staged one and the rows in
+between are lost (seen here: a trial's file kept iterations 5-6 of 6). These records do not
+depend on that sync: analysis, tests and people read ``trials.jsonl`` and ``exploits.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+
+from rl_pbt.schedulers import ExploitEvent
+from rl_pbt.stopping import ENV_STEPS, result_value
+from rl_pbt.trainable import PROBE
+
+TRIALS_FILE = "trials.jsonl"
+EXPLOITS_FILE = "exploits.jsonl"
+
+
+class RunRecorder(Callback):
+    """Append one line per trial result and per exploit under the run folder."""
+
+    def __init__(self, output_dir: Path, metric: str, mutated: list[str]) -> None:
+        self.output_dir = output_dir
+        self.metric = metric
+        self.mutated = mutated
+
+    def _append(self, name: str, row: dict[str, Any]) -> None:
+        with (self.output_dir / name).open("a") as handle:
+            handle.write(json.dumps(row, default=str) + "\n")
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
+    ) -> None:
+        self._append(TRIALS_FILE, {
+            "trial_id": trial.trial_id,
+            "training_iteration": result.get("training_iteration"),
+            "return": result_value(result, self.metric),
+            "env_steps": result_value(result, ENV_STEPS),
+            "time_total_s": result.get("time_total_s"),
+            "timestamp": result.get("timestamp"),
+            "hyperparameters": {k: trial.config.get(k) for k in self.mutated},
+            "probe": result.get(PROBE),
+        })
+
+    def on_exploit(self, event: ExploitEvent) -> None:
+        self._append(EXPLOITS_FILE, asdict(event))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSON-lines file written by :class:`RunRecorder` (missing file: no rows)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,95 @@
+"""A tiny PBT experiment, in-process, tracked on a real MLflow server: exploits happen and
+really change the agent, and MLflow holds parent, children, schedules and exploits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import TINY, compose_config
+
+from rl_pbt.records import EXPLOITS_FILE, TRIALS_FILE, read_jsonl
+from rl_pbt.resolve import resolve
+from rl_pbt.run import execute
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pbt_run(ray_session, mlflow_server, tmp_path_factory):
+    """Run the tiny experiment once for every test in this module."""
+    out = tmp_path_factory.mktemp("pbt_run")
+    cfg = compose_config([*TINY, "seed=7", f"tracking.tracking_uri={mlflow_server}",
+                          "tracking.experiment_name=test_pbt"])
+    plan = resolve(cfg, out, choices={"env": "cartpole", "mutations": "narrow"}, launch_dir=out)
+    summary = execute(plan, {"rl_pbt.test": "pbt"})
+    return plan, summary, out
+
+
+def _rows_of(rows, trial_id):
+    return [r for r in rows if r["trial_id"] == trial_id]
+
+
+def test_exploits_happen(pbt_run):
+    _, summary, out = pbt_run
+    assert summary["exploits"] >= 1
+    assert len(read_jsonl(out / EXPLOITS_FILE)) == summary["exploits"]
+    assert (out / "tune" / "pbt_global.txt").exists()
+
+
+def test_exploit_trains_with_new_values_from_the_clones_weights(pbt_run):
+    """Read inside the trial: optimizer lr and loss clip_param after an exploit are the new
+    config's, and the weights at the start of the next iteration are the clone's."""
+    _, _, out = pbt_run
+    rows = read_jsonl(out / TRIALS_FILE)
+    events = read_jsonl(out / EXPLOITS_FILE)
+    checked = 0
+    for event in events:
+        after = [r for r in _rows_of(rows, event["trial_id"])
+                 if r["probe"]["restored"] and r["timestamp"] >= event["wall_time"]]
+        if not after:
+            continue  # the trial was stopped before it trained again
+        first = min(after, key=lambda r: r["timestamp"])
+        probe, iteration = first["probe"], first["training_iteration"]
+        assert probe["lr_first_update"] == pytest.approx(event["new"]["lr"], rel=1e-6)
+        assert probe["lr_first_update"] != pytest.approx(event["old"]["lr"], rel=1e-9)
+        assert probe["clip_param_used"] == pytest.approx(event["new"]["clip_param"], rel=1e-6)
+        # The clone's checkpoint holds its weights at the end of iteration - 1.
+        source = [r for r in _rows_of(rows, event["source_id"])
+                  if r["training_iteration"] == iteration - 1
+                  and r["timestamp"] <= event["wall_time"]]
+        assert probe["digest_start"] == source[-1]["probe"]["digest_end"]
+        checked += 1
+    assert checked >= 1
+
+
+def test_mlflow_has_parent_children_schedule_and_exploits(pbt_run, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    plan, summary, _ = pbt_run
+    client = MlflowClient(mlflow_server)
+    parent_id = summary["tracking"]["parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["rl_pbt.env"] == "cartpole"
+    assert parent.data.tags["rl_pbt.test"] == "pbt"
+    assert parent.data.metrics["best_return"] == pytest.approx(summary["best"]["return"])
+    assert parent.data.tags["best.trial_id"] == summary["best"]["trial_id"]
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"config.yaml", "summary.json"} <= artifacts
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert len(children) == plan.population
+    exploited = 0
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "hp.lr")
+        returns = client.get_metric_history(child.info.run_id, "episode_return_mean")
+        assert len(history) == int(child.data.metrics["training_iteration"]) or history
+        assert returns
+        exploit_tags = [k for k in child.data.tags if k.startswith("rl_pbt.exploit.")]
+        if exploit_tags:
+            exploited += 1
+            assert "cloned" in child.data.tags[exploit_tags[0]]
+            assert len({m.value for m in history}) >= 2  # the schedule changed
+            assert any(a.path == "exploits" for a in client.list_artifacts(child.info.run_id))
+    assert exploited >= 1
