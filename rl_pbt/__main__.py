@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from rl_pbt.cli import CONF_DIR, check_group_options, fail
+from rl_pbt.cli import CONF_DIR, check_group_options, discard_empty_output_dir, fail
 from rl_pbt.errors import ConfigError
 
 
@@ -19,6 +19,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = run(cfg)
     except ConfigError as err:
+        discard_empty_output_dir()
         fail(err)
     best = summary.get("best")
     return best["return"] if best else None

@@ -110,10 +110,14 @@ def translate_keys(config: Mapping[str, Any], config_class: str, where: str) -> 
 
 
 def unknown_key_message(where: str, key: str, known: frozenset[str]) -> str:
-    """Say which key is unknown and which valid key is closest."""
-    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.5)
-    hint = f"did you mean {close[0]!r}?" if close else "see the algorithm's AlgorithmConfig"
-    return f"{where}.{key}: unknown key for this algorithm; {hint}"
+    """Say which key is unknown and which valid key is closest (old names point to new ones)."""
+    candidates = sorted(known | set(OLD_NAMES))
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not close:
+        return f"{where}.{key}: unknown key for this algorithm; see its AlgorithmConfig"
+    new = OLD_NAMES.get(close[0])
+    hint = f"{new!r} (Ray 2.3 called it {close[0]!r})" if new else repr(close[0])
+    return f"{where}.{key}: unknown key for this algorithm; did you mean {hint}?"
 
 
 def ppo_invariants(config: dict[str, Any]) -> dict[str, Any]:

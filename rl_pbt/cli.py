@@ -20,6 +20,27 @@ def fail(err: ConfigError) -> NoReturn:
     sys.exit(2)
 
 
+def discard_empty_output_dir() -> None:
+    """Remove the run folder Hydra made for a run that failed its checks.
+
+    Hydra writes ``.hydra/`` and a log before the job starts; when the config is then rejected,
+    the folder holds nothing of the run and would only look like one.
+    """
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    bookkeeping = {".hydra", f"{HydraConfig.get().job.name}.log"}
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= bookkeeping:
+        shutil.rmtree(folder)
+        for parent in (folder.parent, folder.parent.parent):
+            if parent.name and not any(parent.iterdir()):
+                parent.rmdir()
+
+
 def group_options(group: str) -> list[str]:
     """The options of a config group: the YAML files in ``conf/<group>/``."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))

@@ -68,5 +68,7 @@ def build_scheduler(plan: Plan) -> RecordingPBT:
         mode=plan.stop.mode,
         hyperparam_mutations={k: d.for_pbt() for k, d in plan.mutations.items()},
         custom_explore_fn=Explore(plan.mutations, plan.algorithm.invariants),
+        # Until a trial finishes its first episode it has no return: PBT then waits for it.
+        require_attrs=False,
         **options,
     )

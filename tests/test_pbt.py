@@ -3,8 +3,6 @@ really change the agent, and MLflow holds parent, children, schedules and exploi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from conftest import TINY, compose_config
 

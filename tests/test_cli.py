@@ -1,0 +1,71 @@
+"""The command line: help, --cfg job, and one clear line for each kind of bad input."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from conftest import run_cli
+
+from rl_pbt.resolve import GROUPS
+
+BAD_INPUT = [
+    (["env.id=NoSuchEnv-v0"], "env.id: unknown gymnasium id 'NoSuchEnv-v0'"),
+    (["env=cartpol"], "env=cartpol: no such option; did you mean 'cartpole'?"),
+    (["mutations=wid"], "mutations=wid: no such option; did you mean 'wide'?"),
+    (["+algorithm.config.num_sgd_iterations=3"],
+     "did you mean 'num_epochs' (Ray 2.3 called it 'num_sgd_iter')?"),
+    (["+algorithm.config.clip_parm=0.3"], "did you mean 'clip_param'"),
+    (["mutations.hyperparams.clip_param.low=0.9"], "low=0.9 is greater than high=0.3"),
+    (["mutations.hyperparams.lr.low=0"], "log scale needs low > 0"),
+    (["mutations=seed", "mutations.hyperparams.lr=[]"], "values is empty"),
+    (["algorithm.config.minibatch_size=4096"], "is larger than the largest"),
+    (["population=1"], "population: PBT needs at least 2 trials, got 1"),
+]
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _assert_one_line_error(proc, message):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("rl_pbt: error:")]
+    assert len(lines) == 1, proc.stderr
+    assert message in lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT)
+def test_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
+    proc = run_cli(args, cwd=tmp_path, timeout=180)
+    _assert_one_line_error(proc, message)
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    proc = run_cli([f"tracking.tracking_uri={uri}"], cwd=tmp_path, timeout=180)
+    _assert_one_line_error(proc, f"tracking.tracking_uri: cannot reach MLflow at {uri}")
+    assert "Concurrency" not in proc.stdout  # Ray was never started
+
+
+def test_help_lists_groups_and_options(tmp_path):
+    proc = run_cli(["--help"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0
+    for group in GROUPS:
+        assert f"{group}: " in proc.stdout, group
+    assert "cartpole, entry_point, gym, mountaincar_continuous, pendulum" in proc.stdout
+    assert "narrow, seed, wide" in proc.stdout
+
+
+def test_cfg_job_shows_the_guides_setup(tmp_path):
+    proc = run_cli(["experiment=seed", "--cfg", "job"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for text in ("time_attr: time_total_s", "perturbation_interval: 120",
+                 "resample_probability: 0.25", "num_env_runners: 4", "kl_coeff: 1.0",
+                 "- 0.001", "high: 160000", "max_iterations: 100", "target_return: 300"):
+        assert text in proc.stdout, text
