@@ -1,0 +1,102 @@
+"""MlflowTracker against the default SQLite store, driven with stand-in trials (no Ray)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlflow
+import pytest
+from conftest import compose_config
+from mlflow.tracking import MlflowClient
+
+from rl_pbt.errors import ConfigError
+from rl_pbt.plan import Tracking
+from rl_pbt.resolve import resolve
+from rl_pbt.schedulers import ExploitEvent
+from rl_pbt.tracking import MlflowTracker, check_reachable
+
+
+@dataclass
+class StandInTrial:
+    """What the tracker reads from a Tune Trial."""
+
+    trial_id: str
+    config: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"PBTPPO_{self.trial_id}"
+
+
+@pytest.fixture
+def plan(tmp_path):
+    return resolve(compose_config(["tracking.experiment_name=unit"]), tmp_path,
+                   choices={"env": "cartpole"}, launch_dir=tmp_path)
+
+
+def _result(iteration, ret):
+    return {"training_iteration": iteration, "timestamp": 1_700_000_000 + iteration,
+            "env_runners": {"episode_return_mean": ret, "num_env_steps_sampled_lifetime":
+                            1000 * iteration}, "time_total_s": 2.0 * iteration}
+
+
+def test_exploit_is_recorded_without_relogging_params(plan):
+    tracker = MlflowTracker(plan)
+    parent = tracker.open({"rl_pbt.sweep": "s1"})
+    a = StandInTrial("a", {"lr": 1e-4, "clip_param": 0.2, "num_epochs": 3, "lambda": 0.95,
+                           "gamma": 0.99})
+    b = StandInTrial("b", {"lr": 5e-4, "clip_param": 0.3, "num_epochs": 5, "lambda": 0.9,
+                           "gamma": 0.99})
+    for trial in (a, b):
+        tracker.on_trial_start(0, [a, b], trial)
+        tracker.on_trial_result(0, [a, b], trial, _result(1, 10.0))
+    old = {k: a.config[k] for k in plan.mutations}
+    a.config = {**b.config, "lr": 6e-4, "clip_param": 0.24}
+    tracker.on_exploit(ExploitEvent("a", "b", 1, 1, old, {k: a.config[k] for k in plan.mutations},
+                                    0.0))
+    tracker.on_trial_start(0, [a, b], a)  # Tune starts the trial again: no params re-logged
+    tracker.on_trial_result(0, [a, b], a, _result(2, 30.0))
+    tracker.on_trial_complete(0, [a, b], a)
+    tracker.on_trial_error(0, [a, b], b)
+    tracker.close({"best": {"trial_id": "a", "return": 30.0, "env_steps": 2000,
+                            "hyperparameters": {"lr": 6e-4}, "checkpoint": "/x"}})
+
+    client = MlflowClient(plan.tracking.tracking_uri)
+    run_a = client.get_run(tracker.children["a"])
+    assert run_a.data.tags["mlflow.parentRunId"] == parent
+    assert run_a.data.params["start.lr"] == "0.0001"  # first start only
+    assert run_a.data.params["gamma"] == "0.99"
+    lr = [m.value for m in client.get_metric_history(run_a.info.run_id, "hp.lr")]
+    assert lr == [1e-4, 6e-4]
+    assert "cloned b (iteration 1) at iteration 1" in run_a.data.tags["rl_pbt.exploit.001"]
+    assert "lr 0.0001 -> 0.0006" in run_a.data.tags["rl_pbt.exploit.001"]
+    assert run_a.info.status == "FINISHED"
+    assert client.get_run(tracker.children["b"]).info.status == "FAILED"
+    parent_run = client.get_run(parent)
+    assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.metrics["best_return"] == 30.0
+    assert parent_run.data.params["best.lr"] == "0.0006"
+    assert parent_run.data.tags["rl_pbt.sweep"] == "s1"
+    assert parent_run.data.tags["rl_pbt.env"] == "cartpole"
+
+
+def test_parent_nests_under_an_active_run(plan):
+    mlflow.set_tracking_uri(plan.tracking.tracking_uri)
+    mlflow.set_experiment("managed_job")
+    with mlflow.start_run() as job:
+        tracker = MlflowTracker(plan)
+        parent = tracker.open({})
+        tracker.close(None)
+    run = MlflowClient(plan.tracking.tracking_uri).get_run(parent)
+    assert run.data.tags["mlflow.parentRunId"] == job.info.run_id
+    assert run.info.experiment_id == job.info.experiment_id
+
+
+def test_unreachable_server_and_unwritable_folder_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot reach MLflow at http://127\.0\.0\.1:9"):
+        check_reachable(Tracking("mlflow", "http://127.0.0.1:9", "x"), timeout=2)
+    with pytest.raises(ConfigError, match="is not a writable folder"):
+        check_reachable(Tracking("mlflow", f"sqlite:///{tmp_path}/no/such/dir/m.db", "x"))
+
+
+def test_reachable_server_passes(mlflow_server):
+    check_reachable(Tracking("mlflow", mlflow_server, "x"))
