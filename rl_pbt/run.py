@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from rl_pbt import cluster, envs
 from rl_pbt.plan import Plan
+from rl_pbt.progress import ProgressPrinter
 from rl_pbt.records import RunRecorder
 from rl_pbt.resolve import resolve
 from rl_pbt.schedulers import RecordingPBT, build_scheduler
@@ -85,10 +86,11 @@ def execute(plan: Plan, tags: Mapping[str, str] | None = None) -> dict[str, Any]
     random.seed(plan.seed)  # PBT draws its quantile picks and perturbations from `random`
     scheduler = build_scheduler(plan)
     recorder = RunRecorder(plan.output_dir, plan.stop.metric, list(plan.mutations))
-    scheduler.listeners.append(recorder.on_exploit)
+    progress = ProgressPrinter(plan.stop.metric)
+    scheduler.listeners += [recorder.on_exploit, progress.on_exploit]
     tracker = MlflowTracker(plan) if plan.tracking.enabled else None
     tracking = _open_tracking(tracker, plan, scheduler, tags or {})
-    callbacks = [recorder, tracker] if tracker else [recorder]
+    callbacks = [recorder, progress, *([tracker] if tracker else [])]
     try:
         results = make_tuner(plan, scheduler, callbacks, fit.concurrent).fit()
     except BaseException:
@@ -156,6 +158,6 @@ def make_tuner(plan: Plan, scheduler: RecordingPBT, callbacks: list[Any], concur
                 num_to_keep=plan.num_to_keep, checkpoint_at_end=True
             ),
             failure_config=tune.FailureConfig(max_failures=plan.max_failures),
-            verbose=1,
+            verbose=0,  # ProgressPrinter reports instead of Tune's full tables
         ),
     )

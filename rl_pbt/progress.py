@@ -1,0 +1,56 @@
+"""A compact progress report while the population trains, in place of Tune's big tables.
+
+One line per exploit (who cloned whom, what changed) and, at most every ``every_s`` seconds, one
+line with the best trial so far and each trial's latest return.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+
+from rl_pbt.schedulers import ExploitEvent
+from rl_pbt.stopping import result_value
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+class ProgressPrinter(Callback):
+    """Print exploits as they happen and a throttled one-line status of the population."""
+
+    def __init__(self, metric: str, every_s: float = 15.0) -> None:
+        self.metric = metric
+        self.every_s = every_s
+        self.started = time.monotonic()
+        self.last_print = self.started
+        self.latest: dict[str, tuple[int, float]] = {}
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
+    ) -> None:
+        score = result_value(result, self.metric)
+        if isinstance(score, (int, float)) and not math.isnan(score):
+            self.latest[trial.trial_id] = (int(result.get("training_iteration", 0)), score)
+        now = time.monotonic()
+        if now - self.last_print >= self.every_s and self.latest:
+            self.last_print = now
+            print(self.status_line(now), flush=True)
+
+    def status_line(self, now: float) -> str:
+        best_id, (best_it, best) = max(self.latest.items(), key=lambda kv: kv[1][1])
+        others = "  ".join(f"{tid[-5:]}:{score:.1f}@{it}"
+                           for tid, (it, score) in sorted(self.latest.items()))
+        return (f"[{now - self.started:5.0f} s] best {best:.1f} (trial {best_id}, iteration "
+                f"{best_it})  |  {others}")
+
+    def on_exploit(self, event: ExploitEvent) -> None:
+        changes = ", ".join(f"{k} {_short(event.old.get(k))}->{_short(v)}"
+                            for k, v in event.new.items() if event.old.get(k) != v)
+        print(f"[pbt] {event.trial_id} cloned {event.source_id} at iteration "
+              f"{event.iteration}: {changes}", flush=True)
