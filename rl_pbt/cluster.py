@@ -99,6 +99,4 @@ def concurrency(plan: Plan) -> Concurrency:
     fit = int(cpus // trial.cpus) if trial.cpus else plan.population
     if trial.gpus:
         fit = min(fit, int(gpus // trial.gpus))
-    limit = plan.resources.max_concurrent_trials or plan.population
-    return Concurrency(trial, cpus, gpus, plan.population, max(1, min(fit, limit,
-                                                                     plan.population)))
+    return Concurrency(trial, cpus, gpus, plan.population, max(1, min(fit, plan.population)))

@@ -48,7 +48,6 @@ class Resources:
 
     address: str | None
     num_cpus: int | None
-    max_concurrent_trials: int | None
 
 
 @dataclass(frozen=True)

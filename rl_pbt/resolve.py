@@ -280,15 +280,10 @@ def resolve_stop(plain: Mapping[str, Any], env: EnvSpec) -> StopRule:
 
 def resolve_resources(resources: Mapping[str, Any]) -> Resources:
     """Where Ray runs; CPU and concurrency limits are checked against it in ``cluster``."""
-    for key in ("num_cpus", "max_concurrent_trials"):
-        value = resources.get(key)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ConfigError(f"resources.{key}: must be an integer >= 1 or null, got {value!r}")
-    return Resources(
-        address=resources.get("address"),
-        num_cpus=resources.get("num_cpus"),
-        max_concurrent_trials=resources.get("max_concurrent_trials"),
-    )
+    value = resources.get("num_cpus")
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ConfigError(f"resources.num_cpus: must be an integer >= 1 or null, got {value!r}")
+    return Resources(address=resources.get("address"), num_cpus=value)
 
 
 def resolve_tracking(tracking: Mapping[str, Any], launch_dir: Path) -> Tracking:

@@ -92,7 +92,7 @@ def execute(plan: Plan, tags: Mapping[str, str] | None = None) -> dict[str, Any]
     tracking = _open_tracking(tracker, plan, scheduler, tags or {})
     callbacks = [recorder, progress, *([tracker] if tracker else [])]
     try:
-        results = make_tuner(plan, scheduler, callbacks, fit.concurrent).fit()
+        results = make_tuner(plan, scheduler, callbacks).fit()
     except BaseException:
         if tracker:
             tracker.close(None, "KILLED")
@@ -134,7 +134,7 @@ def _open_tracking(
     }
 
 
-def make_tuner(plan: Plan, scheduler: RecordingPBT, callbacks: list[Any], concurrent: int) -> Any:
+def make_tuner(plan: Plan, scheduler: RecordingPBT, callbacks: list[Any]) -> Any:
     """The Tuner: PBT-ready trainable, reused actors, checkpoints and results in the run folder."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -146,7 +146,9 @@ def make_tuner(plan: Plan, scheduler: RecordingPBT, callbacks: list[Any], concur
         tune_config=tune.TuneConfig(
             num_samples=plan.population,
             scheduler=scheduler,
-            search_alg=BasicVariantGenerator(random_state=plan.seed, max_concurrent=concurrent),
+            # No cap on live trials: PBT needs the whole population alive; trials that do not
+            # fit wait for CPUs and PBT rotates them in at each perturbation.
+            search_alg=BasicVariantGenerator(random_state=plan.seed),
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(

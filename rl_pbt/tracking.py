@@ -111,8 +111,19 @@ class MlflowTracker(Callback):
         return self.parent_id
 
     def _experiment_id(self, name: str) -> str:
+        """Get or create the experiment; a SQLite store keeps its artifacts beside the file.
+
+        MLflow's default artifact root for a SQLite store is ``./mlruns`` of whatever directory
+        the process runs in, which scatters artifacts; next to the database they stay with it.
+        """
         found = self.client.get_experiment_by_name(name)
-        return found.experiment_id if found else self.client.create_experiment(name)
+        if found:
+            return found.experiment_id
+        uri = self.plan.tracking.tracking_uri or ""
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
 
     def close(self, summary: Mapping[str, Any] | None, status: str = "FINISHED") -> None:
         """Write the best trial's summary to the parent and end it."""
