@@ -74,15 +74,22 @@ def valid_keys(config_class: str) -> frozenset[str]:
     """Return every key the algorithm's config accepts in dict form.
 
     ``to_dict()`` names some keys by their private attribute (``_train_batch_size_per_learner``);
-    the public name is accepted too where a settable property of that name exists.
+    the public name is accepted too where a settable property of that name exists. Keys whose
+    value is RLlib's ``DEPRECATED_VALUE`` are stored and ignored, so they are not valid.
     """
+    from ray._common.deprecation import DEPRECATED_VALUE
+
     cls = import_object(config_class)
-    keys = set(cls().to_dict())
+    keys = {k for k, v in cls().to_dict().items() if not _is_deprecated(v, DEPRECATED_VALUE)}
     for key in list(keys):
         public = getattr(cls, key.lstrip("_"), None)
         if key.startswith("_") and isinstance(public, property) and public.fset is not None:
             keys.add(key.lstrip("_"))
     return frozenset(keys)
+
+
+def _is_deprecated(value: Any, marker: Any) -> bool:
+    return isinstance(value, type(marker)) and not isinstance(value, bool) and value == marker
 
 
 def translate_keys(config: Mapping[str, Any], config_class: str, where: str) -> dict[str, Any]:

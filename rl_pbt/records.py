@@ -9,6 +9,7 @@ depend on that sync: analysis, tests and people read ``trials.jsonl`` and ``expl
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ class RunRecorder(Callback):
             "env_steps": result_value(result, ENV_STEPS),
             "time_total_s": result.get("time_total_s"),
             "timestamp": result.get("timestamp"),
+            # The driver's clock, the same as ExploitEvent.wall_time: orders results and
+            # exploits exactly (Tune's timestamp is whole seconds, from the trial's process).
+            "recorded_at": time.time(),
             "hyperparameters": {k: trial.config.get(k) for k in self.mutated},
             "probe": result.get(PROBE),
         })

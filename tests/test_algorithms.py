@@ -39,6 +39,12 @@ def test_unknown_key_names_the_closest(key, closest):
         translate_keys({key: 1}, PPO, "algorithm.config")
 
 
+@pytest.mark.parametrize("key", ["vf_share_layers", "sgd_minibatch_size"])
+def test_keys_rllib_stores_but_ignores_are_rejected(key):
+    """RLlib keeps these in to_dict() with DEPRECATED_VALUE and never reads them."""
+    assert key not in valid_keys(PPO)
+
+
 def test_old_and_new_name_together_is_an_error():
     with pytest.raises(ConfigError, match="keep only num_epochs"):
         translate_keys({"num_sgd_iter": 3, "num_epochs": 4}, PPO, "algorithm.config")

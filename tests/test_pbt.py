@@ -44,10 +44,10 @@ def test_exploit_trains_with_new_values_from_the_clones_weights(pbt_run):
     checked = 0
     for event in events:
         after = [r for r in _rows_of(rows, event["trial_id"])
-                 if r["probe"]["restored"] and r["timestamp"] >= event["wall_time"]]
+                 if r["probe"]["restored"] and r["recorded_at"] > event["wall_time"]]
         if not after:
             continue  # the trial was stopped before it trained again
-        first = min(after, key=lambda r: r["timestamp"])
+        first = min(after, key=lambda r: r["recorded_at"])
         probe, iteration = first["probe"], first["training_iteration"]
         assert probe["lr_first_update"] == pytest.approx(event["new"]["lr"], rel=1e-6)
         assert probe["lr_first_update"] != pytest.approx(event["old"]["lr"], rel=1e-9)
@@ -55,7 +55,7 @@ def test_exploit_trains_with_new_values_from_the_clones_weights(pbt_run):
         # The clone's checkpoint holds its weights at the end of iteration - 1.
         source = [r for r in _rows_of(rows, event["source_id"])
                   if r["training_iteration"] == iteration - 1
-                  and r["timestamp"] <= event["wall_time"]]
+                  and r["recorded_at"] < event["wall_time"]]
         assert probe["digest_start"] == source[-1]["probe"]["digest_end"]
         checked += 1
     assert checked >= 1

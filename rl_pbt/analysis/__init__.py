@@ -1,0 +1,1 @@
+"""After a run: the lineage of each trial, the winning schedule, plots and the report."""
