@@ -42,6 +42,11 @@ class Distribution:
         """Return what ``PopulationBasedTraining(hyperparam_mutations=...)`` should get."""
         return self
 
+    def describe(self) -> dict[str, Any]:
+        """Plain facts for files and plots: kind, bounds, scale."""
+        return {"type": type(self).__name__, "low": self.low, "high": self.high,
+                "log": self.log, "integer": self.integer}
+
     def clamp(self, value: Any) -> Any:
         """Bring a perturbed value back into ``[low, high]``; integers stay integers."""
         bounded = min(max(value, self.low), self.high)

@@ -24,7 +24,7 @@ from rl_pbt.errors import ConfigError
 from rl_pbt.plan import EnvSpec, Plan, Resources, SchedulerSpec, StopRule, Tracking
 
 GROUPS = ("env", "algorithm", "mutations", "scheduler", "stopper", "resources", "tracking")
-SCHEDULERS = ("pbt",)
+SCHEDULERS = ("pbt", "fifo")
 TRACKING_BACKENDS = ("mlflow", "none")
 
 
@@ -78,7 +78,7 @@ def resolve(
         max_failures=int(plain.get("max_failures", 0)),
         output_dir=Path(output_dir),
         choices=dict(choices or {}),
-        config_yaml=OmegaConf.to_yaml(cfg),
+        config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
     )
 
 
@@ -224,6 +224,8 @@ def resolve_scheduler(scheduler: Mapping[str, Any], population: int) -> Schedule
     name = scheduler.get("name")
     if name not in SCHEDULERS:
         raise ConfigError(f"scheduler.name: unknown {name!r}; known: {', '.join(SCHEDULERS)}")
+    if name == "fifo":
+        return SchedulerSpec(name, {})
     if population < 2:
         raise ConfigError(f"population: PBT needs at least 2 trials, got {population}")
     options = {k: v for k, v in scheduler.items() if k != "name"}

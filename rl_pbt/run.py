@@ -14,13 +14,15 @@ from typing import Any
 from omegaconf import DictConfig
 
 from rl_pbt import cluster, envs
+from rl_pbt.analysis.report import Report, write_report
+from rl_pbt.errors import ConfigError
 from rl_pbt.plan import Plan
 from rl_pbt.progress import ProgressPrinter
 from rl_pbt.records import RunRecorder
 from rl_pbt.resolve import resolve
-from rl_pbt.schedulers import RecordingPBT, build_scheduler
+from rl_pbt.schedulers import Scheduler, build_scheduler
 from rl_pbt.stopping import PlanStopper
-from rl_pbt.summary import build_summary, format_summary, write_summary
+from rl_pbt.summary import build_summary, format_summary, run_info, write_json, write_summary
 from rl_pbt.tracking import MlflowTracker, check_reachable, ui_command
 from rl_pbt.trainable import pbt_trainable
 
@@ -79,6 +81,7 @@ def execute(plan: Plan, tags: Mapping[str, str] | None = None) -> dict[str, Any]
     print(fit.report(), flush=True)
     envs.register(plan.env)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_info(plan), plan.output_dir / "run.json")
     _quiet_known_noise()
     # RLlib reports the episode return only once an episode has finished; Tune would fail
     # the trial for the missing metric (Acrobot's first 500-step episodes, for one).
@@ -103,10 +106,22 @@ def execute(plan: Plan, tags: Mapping[str, str] | None = None) -> dict[str, Any]
     summary = build_summary(plan, results, exploits, time.monotonic() - started, fit.report(),
                             tracking)
     write_summary(summary, plan.output_dir)
+    report = _write_report(plan)
     if tracker:
-        tracker.close(summary)
+        tracker.close(summary, artifacts=report.paths() if report else [])
     print(format_summary(summary), flush=True)
+    if report:
+        print(f"report       {report.markdown}", flush=True)
     return summary
+
+
+def _write_report(plan: Plan) -> Report | None:
+    """Plots and report of the run; a run where no episode finished has nothing to plot."""
+    try:
+        return write_report(plan.output_dir)
+    except ConfigError as err:
+        log.warning("no report: %s", err)
+        return None
 
 
 def _quiet_known_noise() -> None:
@@ -119,7 +134,7 @@ def _quiet_known_noise() -> None:
 
 
 def _open_tracking(
-    tracker: MlflowTracker | None, plan: Plan, scheduler: RecordingPBT, tags: Mapping[str, str]
+    tracker: MlflowTracker | None, plan: Plan, scheduler: Scheduler, tags: Mapping[str, str]
 ) -> dict[str, Any] | None:
     if tracker is None:
         return None
@@ -134,7 +149,7 @@ def _open_tracking(
     }
 
 
-def make_tuner(plan: Plan, scheduler: RecordingPBT, callbacks: list[Any]) -> Any:
+def make_tuner(plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
     """The Tuner: PBT-ready trainable, reused actors, checkpoints and results in the run folder."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator

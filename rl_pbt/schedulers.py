@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import PopulationBasedTraining
+from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining
 
 from rl_pbt.explore import Explore
 from rl_pbt.plan import Plan
@@ -60,8 +60,22 @@ class RecordingPBT(PopulationBasedTraining):
             listener(event)
 
 
-def build_scheduler(plan: Plan) -> RecordingPBT:
-    """Make the PBT scheduler with the plan's mutations and the safe explore step."""
+class PlainFIFO(FIFOScheduler):
+    """Every trial trains with its own fixed config (no exploits): a baseline, or one agent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listeners: list[Callable[[ExploitEvent], None]] = []
+        self.events: list[ExploitEvent] = []
+
+
+Scheduler = RecordingPBT | PlainFIFO
+
+
+def build_scheduler(plan: Plan) -> Scheduler:
+    """Make the plan's scheduler: PBT with the safe explore step, or plain FIFO."""
+    if plan.scheduler.name == "fifo":
+        return PlainFIFO()
     options = dict(plan.scheduler.options)
     return RecordingPBT(
         metric=plan.stop.metric,

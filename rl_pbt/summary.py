@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rl_pbt.plan import Plan
 from rl_pbt.stopping import ENV_STEPS, result_value, target_reached
 
@@ -69,13 +71,34 @@ def build_summary(
     }
 
 
-def write_summary(summary: Mapping[str, Any], output_dir: Path) -> Path:
-    """Write ``summary.json`` atomically, so a reader never sees half of it."""
-    path = output_dir / "summary.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
+def write_json(data: Any, path: Path) -> Path:
+    """Write JSON atomically, so a reader never sees half of it."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
     tmp.replace(path)
     return path
+
+
+def write_summary(summary: Mapping[str, Any], output_dir: Path) -> Path:
+    """Write ``summary.json`` into the run folder."""
+    return write_json(summary, output_dir / "summary.json")
+
+
+def run_info(plan: Plan) -> dict[str, Any]:
+    """What analysis needs to know of a run besides its records (``run.json``)."""
+    return {
+        "name": plan.name,
+        "env_id": plan.env.id,
+        "metric": plan.stop.metric,
+        "mode": plan.stop.mode,
+        "target_return": plan.stop.target_return,
+        "population": plan.population,
+        "seed": plan.seed,
+        "command": plan.command,
+        "choices": plan.choices,
+        "mutations": {k: d.describe() for k, d in plan.mutations.items()},
+        "config": yaml.safe_load(plan.config_yaml) if plan.config_yaml else {},
+    }
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

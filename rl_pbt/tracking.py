@@ -125,8 +125,13 @@ class MlflowTracker(Callback):
             location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
-    def close(self, summary: Mapping[str, Any] | None, status: str = "FINISHED") -> None:
-        """Write the best trial's summary to the parent and end it."""
+    def close(
+        self, summary: Mapping[str, Any] | None, status: str = "FINISHED",
+        artifacts: Iterable[Path] = (),
+    ) -> None:
+        """Write the best trial's summary and the report files to the parent and end it."""
+        for path in artifacts:
+            self.client.log_artifact(self.parent_id, str(path), "report")
         if summary:
             self.client.log_dict(self.parent_id, dict(summary), "summary.json")
             best = summary.get("best") or {}

@@ -1,0 +1,182 @@
+"""Everything written after a run: plots, report.md, best_schedule.json, an experiment file.
+
+Works on any run folder that rl_pbt wrote (``run.json``, ``trials.jsonl``, ``exploits.jsonl``),
+at the end of a tuning run or later with ``python -m rl_pbt.report RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rl_pbt.analysis.lineage import RunRecords, Segment, lineage, winning_schedule
+from rl_pbt.analysis.plots import plot_hyperparameters, plot_returns
+from rl_pbt.errors import ConfigError
+from rl_pbt.stopping import target_reached
+
+EXPERIMENT_FILE = "best_experiment.yaml"
+
+
+@dataclass(frozen=True)
+class Report:
+    """Paths of what :func:`write_report` wrote."""
+
+    returns_png: Path
+    hyperparameters_png: Path
+    markdown: Path
+    schedule_json: Path
+    experiment_yaml: Path
+
+    def paths(self) -> list[Path]:
+        return [self.returns_png, self.hyperparameters_png, self.markdown, self.schedule_json,
+                self.experiment_yaml]
+
+
+def load_info(run_dir: Path) -> dict[str, Any]:
+    """``run.json`` of a run folder; a folder without one is not an rl_pbt run."""
+    path = run_dir / "run.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not an rl_pbt run folder (no run.json)")
+    return json.loads(path.read_text())
+
+
+def final_rows(records: RunRecords) -> dict[str, dict[str, Any]]:
+    """Each trial's last result."""
+    last: dict[str, dict[str, Any]] = {}
+    for row in sorted(records.rows, key=lambda r: r.get("recorded_at", 0.0)):
+        last[row["trial_id"]] = row
+    return last
+
+
+def best_trial(records: RunRecords, mode: str) -> str:
+    """The trial whose final result scores best (as in ``summary.json``)."""
+    scored = {t: r["return"] for t, r in final_rows(records).items() if r.get("return") is not None}
+    if not scored:
+        raise ConfigError("no trial reported a return (no episode finished); nothing to report")
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda t: scored[t])
+
+
+def write_report(run_dir: Path) -> Report:
+    """Write plots, ``report.md``, ``best_schedule.json`` and the experiment file."""
+    info = load_info(run_dir)
+    records = RunRecords.load(run_dir)
+    best = best_trial(records, info.get("mode", "max"))
+    segments = lineage(records, best)
+    schedule = winning_schedule(segments)
+    final = final_rows(records)[best]
+    schedule_json = run_dir / "best_schedule.json"
+    schedule_json.write_text(json.dumps({
+        "trial_id": best, "return": final["return"], "env_steps": final["env_steps"],
+        "final_hyperparameters": final["hyperparameters"], "schedule": schedule,
+        "lineage": [asdict(s) for s in segments],
+    }, indent=2))
+    report = Report(
+        returns_png=plot_returns(records, segments, info, run_dir / "returns.png"),
+        hyperparameters_png=plot_hyperparameters(records, segments, info,
+                                                 run_dir / "hyperparameters.png"),
+        markdown=run_dir / "report.md",
+        schedule_json=schedule_json,
+        experiment_yaml=run_dir / EXPERIMENT_FILE,
+    )
+    report.markdown.write_text(markdown(info, records, best, segments, schedule))
+    report.experiment_yaml.write_text(experiment_file(info, final, run_dir))
+    return report
+
+
+def reproduce_command(info: Mapping[str, Any]) -> str:
+    """The command line of the run, with its seed pinned."""
+    command = info.get("command") or "python -m rl_pbt"
+    if "seed=" not in command:
+        command += f" seed={info.get('seed')}"
+    return command
+
+
+def markdown(
+    info: Mapping[str, Any], records: RunRecords, best: str, segments: Sequence[Segment],
+    schedule: Sequence[Mapping[str, Any]],
+) -> str:
+    """The report: best return, winning schedule, population statistics, how to reproduce."""
+    finals = final_rows(records)
+    returns = [r["return"] for r in finals.values() if r.get("return") is not None]
+    final = finals[best]
+    target = info.get("target_return")
+    reached = target_reached(final["return"], target, info.get("mode", "max"))
+    keys = list(info.get("mutations") or final["hyperparameters"])
+    lines = [
+        f"# {info.get('name', 'PBT run')}",
+        "",
+        f"Best agent: trial `{best}`, mean episode return **{final['return']:.1f}** after "
+        f"{final['env_steps']:.0f} env steps ({final['training_iteration']} iterations)"
+        + (f"; target {target:g} {'reached' if reached else 'not reached'}." if target is not None
+           else "."),
+        "",
+        "## Winning schedule",
+        "",
+        "The hyperparameters the best agent was trained with, stretch by stretch (its weights "
+        "passed through these trials by PBT exploits).",
+        "",
+        "| from iteration | from env step | trained by | " + " | ".join(keys) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in keys) + " |",
+    ]
+    for point in schedule:
+        values = " | ".join(_fmt(point["hyperparameters"].get(k)) for k in keys)
+        lines.append(f"| {point['iteration']} | {point['env_steps']} | `{point['trial_id']}` | "
+                     f"{values} |")
+    lines += [
+        "",
+        "## Population",
+        "",
+        f"- trials: {len(finals)}, exploits: {len(records.exploits)}",
+        f"- final return: mean {statistics.fmean(returns):.1f}, "
+        f"std {statistics.pstdev(returns):.1f}, min {min(returns):.1f}, max {max(returns):.1f}",
+        f"- stretches in the best agent's lineage: {len(segments)} "
+        f"(trials {', '.join(dict.fromkeys(s.trial_id for s in segments))})",
+        "",
+        "![returns](returns.png)",
+        "",
+        "![hyperparameters](hyperparameters.png)",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        reproduce_command(info),
+        "```",
+        "",
+        f"Train one agent with the best final hyperparameters, fixed: copy `{EXPERIMENT_FILE}` "
+        "to `conf/experiment/best.yaml` and run `python -m rl_pbt experiment=best`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def experiment_file(info: Mapping[str, Any], final: Mapping[str, Any], run_dir: Path) -> str:
+    """A ``@package _global_`` experiment: the run's setup, best final values fixed, one agent."""
+    config = info.get("config") or {}
+    algorithm_config = dict((config.get("algorithm") or {}).get("config") or {})
+    algorithm_config.update(final["hyperparameters"])
+    choices = info.get("choices") or {}
+    defaults = [{f"override /{g}": choices[g]} for g in ("env", "resources") if g in choices]
+    body = {
+        "defaults": [*defaults, {"override /scheduler": "fifo"}],
+        "population": 1,
+        "mutations": {"start": "config"},
+        "algorithm": {"config": algorithm_config},
+    }
+    for group in ("env", "stopper"):
+        if config.get(group):
+            body[group] = config[group]
+    header = (f"# @package _global_\n# From {run_dir}: trial {final['trial_id']} reached "
+              f"{final['return']:.1f}.\n# One agent with its final hyperparameters, fixed "
+              f"(no PBT).\n")
+    return header + yaml.safe_dump(body, sort_keys=False)

@@ -1,0 +1,108 @@
+"""Report of a hand-made run folder: plots hold the right series, exports compose and resolve."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import compose_config
+from omegaconf import OmegaConf
+
+from rl_pbt.analysis.lineage import RunRecords, lineage
+from rl_pbt.analysis.plots import hyperparameters_figure, returns_figure
+from rl_pbt.analysis.report import write_report
+from rl_pbt.cli import CONF_DIR
+from rl_pbt.errors import ConfigError
+from rl_pbt.report import main as report_main
+from rl_pbt.resolve import resolve
+
+MUTATIONS = {"lr": {"type": "LogUniform", "low": 1e-5, "high": 1e-2, "log": True,
+                    "integer": False},
+             "clip_param": {"type": "Uniform", "low": 0.1, "high": 0.3, "log": False,
+                            "integer": False}}
+
+
+def _row(trial, iteration, t, lr, clip, ret):
+    return {"trial_id": trial, "training_iteration": iteration, "recorded_at": t,
+            "env_steps": 1000 * iteration, "return": ret,
+            "hyperparameters": {"lr": lr, "clip_param": clip}}
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """Trial b clones a after iteration 2; b ends best."""
+    cfg = OmegaConf.to_container(compose_config(["stopper.max_iterations=4"]), resolve=True)
+    info = {"name": "PPO-CartPole-v1", "metric": "env_runners/episode_return_mean",
+            "mode": "max", "target_return": 450.0, "population": 2, "seed": 5,
+            "command": "python -m rl_pbt population=2", "choices": {"env": "cartpole"},
+            "mutations": MUTATIONS, "config": cfg}
+    rows = [_row("a", 1, 1, 1e-3, 0.2, 20), _row("b", 1, 1, 1e-4, 0.3, 10),
+            _row("a", 2, 2, 1e-3, 0.2, 40), _row("b", 2, 2, 1e-4, 0.3, 15),
+            _row("a", 3, 3, 1e-3, 0.2, 60), _row("b", 3, 3, 1.2e-3, 0.16, 70),
+            _row("a", 4, 4, 1e-3, 0.2, 80), _row("b", 4, 4, 1.2e-3, 0.16, 95)]
+    exploit = {"trial_id": "b", "source_id": "a", "iteration": 2, "source_iteration": 2,
+               "old": {"lr": 1e-4, "clip_param": 0.3}, "new": {"lr": 1.2e-3, "clip_param": 0.16},
+               "wall_time": 2.5}
+    (tmp_path / "run.json").write_text(json.dumps(info))
+    (tmp_path / "trials.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "exploits.jsonl").write_text(json.dumps(exploit) + "\n")
+    return tmp_path
+
+
+def test_returns_plot_holds_every_trial_the_lineage_and_the_exploit(run_dir):
+    records = RunRecords.load(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    fig = returns_figure(records, lineage(records, "b"), info)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert {"trial a", "trial b", "best agent's lineage", "target 450"} <= set(lines)
+    best = lines["best agent's lineage"]
+    assert list(best.get_xdata()) == [1000, 2000, 3000, 4000]
+    assert list(best.get_ydata()) == [20, 40, 70, 95]  # a's first two, then b's
+    assert ax.get_xlabel().startswith("env steps") and ax.get_ylabel() == "mean episode return"
+    assert [t.get_text() for t in ax.texts] == ["a→b"]
+    assert ax.get_title()
+
+
+def test_hyperparameter_panels_use_log_scale_where_the_distribution_does(run_dir):
+    records = RunRecords.load(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    fig = hyperparameters_figure(records, lineage(records, "b"), info)
+    lr_ax, clip_ax = fig.axes
+    assert lr_ax.get_yscale() == "log" and clip_ax.get_yscale() == "linear"
+    schedule = {line.get_label(): line for line in clip_ax.get_lines()}["winning schedule"]
+    assert list(schedule.get_ydata()) == [0.2, 0.2, 0.16, 0.16]
+    assert clip_ax.get_xlabel().startswith("env steps")
+
+
+def test_report_files_and_exported_experiment_composes(run_dir, tmp_path_factory):
+    report = write_report(run_dir)
+    for path in report.paths():
+        assert path.is_file() and path.stat().st_size > 0
+    text = report.markdown.read_text()
+    assert "mean episode return **95.0**" in text
+    assert "python -m rl_pbt population=2 seed=5" in text
+    schedule = json.loads(report.schedule_json.read_text())
+    assert [p["trial_id"] for p in schedule["schedule"]] == ["a", "b"]
+    assert schedule["final_hyperparameters"] == {"lr": 1.2e-3, "clip_param": 0.16}
+    conf = tmp_path_factory.mktemp("conf")
+    shutil.copytree(CONF_DIR, conf, dirs_exist_ok=True)
+    shutil.copy(report.experiment_yaml, conf / "experiment" / "best.yaml")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=best"])
+    plan = resolve(cfg, tmp_path_factory.mktemp("out"))
+    assert plan.population == 1 and plan.scheduler.name == "fifo"
+    assert plan.param_space["lr"] == 1.2e-3 and plan.param_space["clip_param"] == 0.16
+    assert plan.stop.max_iterations == 4
+
+
+def test_report_command_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        report_main([str(tmp_path)])
+    assert stop.value.code == 2
+    assert "not an rl_pbt run folder (no run.json)" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        write_report(tmp_path)
