@@ -25,6 +25,16 @@ TRIALS_FILE = "trials.jsonl"
 EXPLOITS_FILE = "exploits.jsonl"
 
 
+def trained_config(result: dict[str, Any], trial: Trial) -> dict[str, Any]:
+    """The config a result was trained with.
+
+    Tune runs the scheduler before the callbacks, so by the time a callback sees the result of an
+    exploit's iteration ``trial.config`` already holds the perturbed values; the result carries
+    the config the trainable actually used.
+    """
+    return result.get("config") or trial.config
+
+
 class RunRecorder(Callback):
     """Append one line per trial result and per exploit under the run folder."""
 
@@ -50,7 +60,7 @@ class RunRecorder(Callback):
             # The driver's clock, the same as ExploitEvent.wall_time: orders results and
             # exploits exactly (Tune's timestamp is whole seconds, from the trial's process).
             "recorded_at": time.time(),
-            "hyperparameters": {k: trial.config.get(k) for k in self.mutated},
+            "hyperparameters": {k: trained_config(result, trial).get(k) for k in self.mutated},
             "probe": result.get(PROBE),
         })
 

@@ -69,6 +69,32 @@ class PlainFIFO(FIFOScheduler):
         self.events: list[ExploitEvent] = []
 
 
+class ScheduleReplay(PlainFIFO):
+    """Every trial follows one schedule: at iteration k its hyperparameters change to H_k.
+
+    Ray's ``PopulationBasedTrainingReplay`` does this for a single trial; replaying on several
+    seeds needs it per trial. The change is made as Ray's replay makes it: save, pause, set the
+    new config; the trial resumes from that checkpoint with the new values.
+    """
+
+    def __init__(self, changes: list[tuple[int, dict[str, Any]]]) -> None:
+        super().__init__()
+        self.changes = sorted(changes, key=lambda change: change[0])
+        self.next_change: dict[str, int] = {}
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        index = self.next_change.setdefault(trial.trial_id, 0)
+        if index >= len(self.changes) or result.get("training_iteration", 0) < self.changes[
+                index][0]:
+            return super().on_trial_result(tune_controller, trial, result)
+        saved = tune_controller._schedule_trial_save(trial, result=result).resolve()
+        trial.run_metadata.checkpoint_manager._latest_checkpoint_result = saved
+        tune_controller.pause_trial(trial, should_checkpoint=False)
+        trial.set_config({**trial.config, **self.changes[index][1]})
+        self.next_change[trial.trial_id] = index + 1
+        return self.NOOP
+
+
 Scheduler = RecordingPBT | PlainFIFO
 
 
@@ -76,6 +102,8 @@ def build_scheduler(plan: Plan) -> Scheduler:
     """Make the plan's scheduler: PBT with the safe explore step, or plain FIFO."""
     if plan.scheduler.name == "fifo":
         return PlainFIFO()
+    if plan.scheduler.name == "replay":
+        return ScheduleReplay(plan.scheduler.options["changes"])
     options = dict(plan.scheduler.options)
     return RecordingPBT(
         metric=plan.stop.metric,

@@ -22,6 +22,7 @@ from ray.tune.experiment import Trial
 
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import Plan, Tracking
+from rl_pbt.records import trained_config
 from rl_pbt.schedulers import ExploitEvent
 from rl_pbt.stopping import ENV_STEPS, result_value
 
@@ -176,7 +177,8 @@ class MlflowTracker(Callback):
         step = self.steps[trial.trial_id]
         stamp = int(result.get("timestamp", 0) * 1000)
         values = {name: result_value(result, key) for key, name in RESULT_METRICS.items()}
-        values.update({f"hp.{k}": trial.config.get(k) for k in self.mutated})
+        config = trained_config(result, trial)
+        values.update({f"hp.{k}": config.get(k) for k in self.mutated})
         metrics = [Metric(name, float(v), stamp, step) for name, v in values.items() if _finite(v)]
         self.client.log_batch(run_id, metrics=metrics)
 

@@ -1,0 +1,132 @@
+"""``python -m rl_pbt.replay RUN_DIR [seeds=N]``: train fresh agents on the winning schedule.
+
+PBT's winner may owe its return to the schedule or to luck (its seed, the trials it happened to
+clone). Replaying the schedule (the same hyperparameters, changed at the same iterations) on N
+fresh seeds and comparing mean +/- std of their final return with the winner's is the honest
+check. The runs are logged to MLflow under the original run's parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rl_pbt.cli import fail
+from rl_pbt.errors import ConfigError
+
+
+def parse_options(args: list[str]) -> tuple[Path, int]:
+    """``RUN_DIR [seeds=N]``."""
+    paths = [a for a in args if "=" not in a]
+    seeds = 3
+    for arg in (a for a in args if "=" in a):
+        key, _, value = arg.partition("=")
+        if key != "seeds":
+            raise ConfigError(f"{key}: unknown option; the only option is seeds=N")
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"seeds: must be an integer >= 1, got {value!r}")
+        seeds = int(value)
+    if len(paths) != 1:
+        raise ConfigError("usage: python -m rl_pbt.replay RUN_DIR [seeds=N]")
+    return Path(paths[0]), seeds
+
+
+def load_schedule(run_dir: Path) -> dict[str, Any]:
+    """``best_schedule.json`` of the run, written by the report (made now if missing)."""
+    from rl_pbt.analysis.report import load_info, write_report
+
+    load_info(run_dir)
+    path = run_dir / "best_schedule.json"
+    if not path.is_file():
+        write_report(run_dir)
+    return json.loads(path.read_text())
+
+
+def replay_plan(run_dir: Path, schedule: dict[str, Any], seeds: int) -> Any:
+    """The original run's plan, with the schedule's first values, N seeds, the replay scheduler."""
+    from omegaconf import OmegaConf
+
+    from rl_pbt.analysis.report import load_info
+    from rl_pbt.plan import SchedulerSpec, StopRule, Tracking
+    from rl_pbt.resolve import resolve
+
+    info = load_info(run_dir)
+    out = run_dir / "replay" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    plan = resolve(OmegaConf.create(info["config"]), out, info.get("choices"))
+    points = schedule["schedule"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    tracking = summary.get("tracking") or {}
+    return replace(
+        plan,
+        name=f"replay-{plan.name}",
+        population=seeds,
+        param_space={**plan.param_space, **points[0]["hyperparameters"]},
+        scheduler=SchedulerSpec("replay", {"changes": [(p["iteration"], p["hyperparameters"])
+                                                       for p in points[1:]]}),
+        stop=StopRule(plan.stop.metric, plan.stop.mode, _final_iteration(run_dir, schedule),
+                      None, None, None),
+        tracking=Tracking("mlflow", tracking["tracking_uri"], tracking["experiment_name"])
+        if tracking else Tracking("none", None, None),
+        command=f"python -m rl_pbt.replay {run_dir} seeds={seeds}",
+    )
+
+
+def _final_iteration(run_dir: Path, schedule: dict[str, Any]) -> int:
+    lineage = schedule.get("lineage") or []
+    if not lineage:
+        raise ConfigError(f"{run_dir}: best_schedule.json has no lineage")
+    return int(lineage[-1]["last_iteration"])
+
+
+def replay(run_dir: Path, seeds: int) -> dict[str, Any]:
+    """Train the seeds on the schedule; write and return mean +/- std next to the original."""
+    from rl_pbt.run import execute
+
+    schedule = load_schedule(run_dir)
+    plan = replay_plan(run_dir, schedule, seeds)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    parent = (summary.get("tracking") or {}).get("parent_run_id")
+    previous = os.environ.get("MLFLOW_RUN_ID")
+    if parent:
+        os.environ["MLFLOW_RUN_ID"] = parent  # nest the replay under the original run
+    try:
+        result = execute(plan, {"rl_pbt.replay_of": str(run_dir)})
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_RUN_ID", None)
+        else:
+            os.environ["MLFLOW_RUN_ID"] = previous
+    returns = [t["return"] for t in result["trials"] if t["return"] is not None]
+    out = {
+        "run_dir": str(run_dir), "seeds": seeds, "iterations": plan.stop.max_iterations,
+        "original_best_return": schedule["return"],
+        "replay_returns": returns,
+        "replay_return_mean": statistics.fmean(returns) if returns else None,
+        "replay_return_std": statistics.pstdev(returns) if returns else None,
+        "replay_dir": str(plan.output_dir),
+    }
+    (plan.output_dir / "replay.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    try:
+        run_dir, seeds = parse_options(sys.argv[1:] if argv is None else argv)
+        out = replay(run_dir, seeds)
+    except ConfigError as err:
+        fail(err)
+    mean, std = out["replay_return_mean"], out["replay_return_std"]
+    replayed = "no episode finished" if mean is None else f"{mean:.1f} +/- {std:.1f}"
+    print(f"replay of the winning schedule, {seeds} fresh seeds, {out['iterations']} iterations: "
+          f"return {replayed}; the original best trial: {out['original_best_return']:.1f}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

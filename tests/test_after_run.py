@@ -1,0 +1,83 @@
+"""After a tiny tuning run: the report, evaluation of the best agent, and replay of its schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY, compose_config
+from mlflow.tracking import MlflowClient
+
+from rl_pbt import evaluate, replay
+from rl_pbt.resolve import resolve
+from rl_pbt.run import execute
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("after_run")
+    cfg = compose_config([*TINY, "seed=11", "tracking.experiment_name=after_run"])
+    plan = resolve(cfg, out / "run", choices={"env": "cartpole"}, launch_dir=out)
+    summary = execute(plan)
+    return plan, summary
+
+
+def test_report_is_written_and_logged_to_the_parent(finished_run):
+    plan, summary = finished_run
+    for name in ("returns.png", "hyperparameters.png", "report.md", "best_schedule.json",
+                 "best_experiment.yaml"):
+        assert (plan.output_dir / name).stat().st_size > 0, name
+    client = MlflowClient(plan.tracking.tracking_uri)
+    logged = {a.path for a in client.list_artifacts(summary["tracking"]["parent_run_id"],
+                                                    "report")}
+    assert "report/returns.png" in logged and "report/report.md" in logged
+
+
+def test_evaluate_the_best_agent_with_a_video(finished_run):
+    plan, summary = finished_run
+    result = evaluate.main([str(plan.output_dir), "episodes=2", "video=true"])
+    assert result["episodes"] == 2 and len(result["per_episode"]) == 2
+    assert result["return_mean"] > 0
+    assert result["checkpoint"] == summary["best"]["checkpoint"]
+    gif = plan.output_dir / "evaluation" / "episode.gif"
+    assert gif.read_bytes()[:6] == b"GIF89a"
+    run = MlflowClient(plan.tracking.tracking_uri).get_run(result["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == summary["tracking"]["parent_run_id"]
+    assert run.data.metrics["return_mean"] == pytest.approx(result["return_mean"])
+
+
+def test_replay_follows_the_winning_schedule_on_fresh_seeds(finished_run):
+    plan, summary = finished_run
+    out = replay.main([str(plan.output_dir), "seeds=2"])
+    assert len(out["replay_returns"]) == 2
+    assert out["original_best_return"] == pytest.approx(summary["best"]["return"])
+    schedule = json.loads((plan.output_dir / "best_schedule.json").read_text())["schedule"]
+    rows = [json.loads(line) for line in
+            (plan.output_dir / "replay").glob("*/trials.jsonl").__next__().read_text().splitlines()]
+    for row in rows:
+        # the schedule point in force for this iteration
+        point = [p for p in schedule if p["iteration"] < row["training_iteration"]][-1]
+        assert row["hyperparameters"] == pytest.approx(point["hyperparameters"])
+        assert row["probe"]["lr_first_update"] == pytest.approx(point["hyperparameters"]["lr"])
+    client = MlflowClient(plan.tracking.tracking_uri)
+    replays = client.search_runs(
+        [summary["tracking"]["experiment_id"]],
+        f"tags.`mlflow.parentRunId` = '{summary['tracking']['parent_run_id']}' "
+        "and tags.`rl_pbt.replay_of` != ''")
+    assert len(replays) == 1
+
+
+def test_missing_or_corrupt_checkpoint_is_one_clear_error(tmp_path, capsys):
+    broken = tmp_path / "checkpoint_000001" / evaluate.MODULE_PATH
+    broken.mkdir(parents=True)
+    (broken / "module_state.pkl").write_bytes(b"not a pickle")
+    for args, message in (([str(tmp_path / "nothing")], "no such run folder or checkpoint"),
+                          ([str(tmp_path)], "not an RLlib checkpoint"),
+                          ([str(tmp_path / "checkpoint_000001"), "env=CartPole-v1"],
+                           "cannot load the checkpoint")):
+        with pytest.raises(SystemExit) as stop:
+            evaluate.main(args)
+        assert stop.value.code == 2
+        assert message in capsys.readouterr().err
