@@ -40,6 +40,7 @@ class StopRule:
     target_return: float | None
     max_env_steps: int | None
     max_seconds: float | None
+    stop_all_at_target: bool = False
 
 
 @dataclass(frozen=True)

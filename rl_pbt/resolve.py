@@ -277,6 +277,7 @@ def resolve_stop(plain: Mapping[str, Any], env: EnvSpec) -> StopRule:
         target_return=target,
         max_env_steps=stop.get("max_env_steps"),
         max_seconds=stop.get("max_seconds"),
+        stop_all_at_target=bool(stop.get("stop_all_at_target", False)),
     )
 
 

@@ -40,6 +40,7 @@ class PlanStopper(Stopper):
     def __init__(self, rule: StopRule) -> None:
         self.rule = rule
         self.started = time.monotonic()
+        self.solved = False
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         rule = self.rule
@@ -47,6 +48,7 @@ class PlanStopper(Stopper):
         if rule.max_iterations is not None and iteration >= rule.max_iterations:
             return True
         if target_reached(result_value(result, rule.metric), rule.target_return, rule.mode):
+            self.solved = True
             return True
         steps = result_value(result, ENV_STEPS)
         return rule.max_env_steps is not None and steps is not None and (
@@ -54,5 +56,7 @@ class PlanStopper(Stopper):
         )
 
     def stop_all(self) -> bool:
+        if self.solved and self.rule.stop_all_at_target:
+            return True
         budget = self.rule.max_seconds
         return budget is not None and time.monotonic() - self.started >= budget

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from rl_pbt.analysis.lineage import RunRecords
 from rl_pbt.plan import Plan
-from rl_pbt.stopping import ENV_STEPS, result_value, target_reached
+from rl_pbt.stopping import target_reached
 
 
 def _number(value: Any) -> float | None:
@@ -20,20 +22,44 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def trial_row(result: Any, plan: Plan, exploits: Mapping[str, int]) -> dict[str, Any]:
-    """One trial's final state from a Tune ``Result``."""
-    metrics = result.metrics or {}
-    trial_id = metrics.get("trial_id") or Path(result.path).name
-    return {
-        "trial_id": trial_id,
-        "return": _number(result_value(metrics, plan.stop.metric)),
-        "env_steps": _number(result_value(metrics, ENV_STEPS)),
-        "iterations": metrics.get("training_iteration"),
-        "hyperparameters": {k: result.config.get(k) for k in plan.mutations},
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "exploits": exploits.get(trial_id, 0),
-        "error": str(result.error).splitlines()[0] if result.error else None,
-    }
+_TRIAL_DIR = re.compile(r"_(?P<id>[0-9a-f]{5}_\d{5})_")
+
+
+def trial_id_of(path: str | Path) -> str | None:
+    """The trial id in a Tune trial folder's name (``PBTPPO_CartPole-v1_66f91_00001_1_...``)."""
+    match = _TRIAL_DIR.search(Path(path).name)
+    return match["id"] if match else None
+
+
+def latest_checkpoint(tune_dir: Path, trial_id: str) -> str | None:
+    """The newest checkpoint in the trial's folder."""
+    found = sorted(tune_dir.glob(f"*_{trial_id}_*/checkpoint_*"), key=lambda p: p.name)
+    return str(found[-1]) if found else None
+
+
+def trial_rows(plan: Plan, results: Any, exploits: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Each trial's final state, from rl_pbt's own records.
+
+    Tune's ``ResultGrid`` is not used for this: seen here, when ``stop_all`` ended a run while a
+    paused trial waited for a reused actor, its Result carried another trial's metrics and path.
+    Only errors are taken from it.
+    """
+    errors = {trial_id_of(r.path): str(r.error).splitlines()[0] for r in results if r.error}
+    finals = RunRecords.load(plan.output_dir).final_rows()
+    rows = []
+    for trial_id in sorted(set(finals) | {t for t in errors if t}):
+        last = finals.get(trial_id, {})
+        rows.append({
+            "trial_id": trial_id,
+            "return": _number(last.get("return")),
+            "env_steps": _number(last.get("env_steps")),
+            "iterations": last.get("training_iteration"),
+            "hyperparameters": last.get("hyperparameters", {}),
+            "checkpoint": latest_checkpoint(plan.output_dir / "tune", trial_id),
+            "exploits": exploits.get(trial_id, 0),
+            "error": errors.get(trial_id),
+        })
+    return rows
 
 
 def best_row(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
@@ -54,7 +80,7 @@ def build_summary(
     tracking: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """Everything the printed summary and ``summary.json`` hold."""
-    rows = [trial_row(result, plan, exploits) for result in results]
+    rows = trial_rows(plan, results, exploits)
     return {
         "name": plan.name,
         "metric": plan.stop.metric,

@@ -68,6 +68,7 @@ def test_guide_setup_resolves_to_the_guides_values(tmp_path):
     assert options["perturbation_interval"] == 120
     assert options["resample_probability"] == 0.25
     assert (plan.stop.max_iterations, plan.stop.target_return) == (100, 300)
+    assert plan.stop.stop_all_at_target is False  # the guide's rule is per trial
 
 
 def test_guide_setup_on_a_continuous_env_sets_free_log_std(tmp_path):
@@ -122,3 +123,21 @@ def test_bad_input_is_one_config_error(overrides, message, tmp_path):
         plan_for(overrides, tmp_path)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_stopper_rule():
+    from rl_pbt.plan import StopRule
+    from rl_pbt.stopping import PlanStopper
+
+    rule = StopRule("env_runners/episode_return_mean", "max", 10, 450.0, 5000, None, True)
+    stopper = PlanStopper(rule)
+    assert not stopper("t", {"training_iteration": 3, "env_runners": {"episode_return_mean": 200}})
+    assert not stopper.stop_all()
+    assert stopper("t", {"training_iteration": 10})
+    assert stopper("t", {"training_iteration": 1,
+                         "env_runners": {"num_env_steps_sampled_lifetime": 5000}})
+    assert not stopper("t", {"training_iteration": 1,
+                             "env_runners": {"episode_return_mean": float("nan")}})
+    assert not stopper.stop_all()
+    assert stopper("t", {"training_iteration": 4, "env_runners": {"episode_return_mean": 451}})
+    assert stopper.stop_all()

@@ -59,6 +59,13 @@ class RunRecords:
     def rows_of(self, trial_id: str) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["trial_id"] == trial_id]
 
+    def final_rows(self) -> dict[str, dict[str, Any]]:
+        """Each trial's last result, in the order results arrived."""
+        last: dict[str, dict[str, Any]] = {}
+        for row in sorted(self.rows, key=_time):
+            last[row["trial_id"]] = row
+        return last
+
 
 def _time(row: dict[str, Any]) -> float:
     return float(row.get("recorded_at", row.get("timestamp", 0.0)))

@@ -46,17 +46,10 @@ def load_info(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def final_rows(records: RunRecords) -> dict[str, dict[str, Any]]:
-    """Each trial's last result."""
-    last: dict[str, dict[str, Any]] = {}
-    for row in sorted(records.rows, key=lambda r: r.get("recorded_at", 0.0)):
-        last[row["trial_id"]] = row
-    return last
-
-
 def best_trial(records: RunRecords, mode: str) -> str:
     """The trial whose final result scores best (as in ``summary.json``)."""
-    scored = {t: r["return"] for t, r in final_rows(records).items() if r.get("return") is not None}
+    finals = records.final_rows().items()
+    scored = {t: r["return"] for t, r in finals if r.get("return") is not None}
     if not scored:
         raise ConfigError("no trial reported a return (no episode finished); nothing to report")
     pick = max if mode == "max" else min
@@ -70,7 +63,7 @@ def write_report(run_dir: Path) -> Report:
     best = best_trial(records, info.get("mode", "max"))
     segments = lineage(records, best)
     schedule = winning_schedule(segments)
-    final = final_rows(records)[best]
+    final = records.final_rows()[best]
     schedule_json = run_dir / "best_schedule.json"
     schedule_json.write_text(json.dumps({
         "trial_id": best, "return": final["return"], "env_steps": final["env_steps"],
@@ -103,7 +96,7 @@ def markdown(
     schedule: Sequence[Mapping[str, Any]],
 ) -> str:
     """The report: best return, winning schedule, population statistics, how to reproduce."""
-    finals = final_rows(records)
+    finals = records.final_rows()
     returns = [r["return"] for r in finals.values() if r.get("return") is not None]
     final = finals[best]
     target = info.get("target_return")
