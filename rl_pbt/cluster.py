@@ -42,18 +42,22 @@ class Concurrency:
 
     def report(self) -> str:
         """The line printed before training starts."""
-        per_trial = f"{self.trial.cpus:g} CPU" + (
-            f" + {self.trial.gpus:g} GPU" if self.trial.gpus else ""
-        )
+        per_trial = _count(self.trial.cpus, "CPU") + (
+            f" + {_count(self.trial.gpus, 'GPU')}" if self.trial.gpus else "")
+        at_once = "1 trial trains" if self.concurrent == 1 else f"{self.concurrent} trials train"
         head = (
-            f"Concurrency: {per_trial} per trial x {self.population} trials = "
-            f"{self.trial.cpus * self.population:g} CPUs wanted; the cluster has "
-            f"{self.cluster_cpus:g}. {self.concurrent} trials train at once"
+            f"Concurrency: {per_trial} per trial x {_count(self.population, 'trial')} = "
+            f"{_count(self.trial.cpus * self.population, 'CPU')} wanted; the cluster has "
+            f"{self.cluster_cpus:g}. {at_once} at once"
         )
         if self.take_turns:
             waiting = self.population - self.concurrent
             return head + f"; the other {waiting} take turns (PBT pauses and resumes them)."
         return head + "; none wait."
+
+
+def _count(number: float, noun: str) -> str:
+    return f"{number:g} {noun}" + ("" if number == 1 else "s")
 
 
 def trial_resources(plan: Plan) -> TrialResources:

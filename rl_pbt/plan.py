@@ -91,6 +91,7 @@ class Plan:
     num_to_keep: int
     max_failures: int
     output_dir: Path
+    trainable: str = "pbt_ready"
     choices: dict[str, str] = field(default_factory=dict)
     config_yaml: str = ""
     command: str = ""

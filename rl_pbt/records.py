@@ -56,6 +56,7 @@ class RunRecorder(Callback):
             "return": result_value(result, self.metric),
             "env_steps": result_value(result, ENV_STEPS),
             "time_total_s": result.get("time_total_s"),
+            "time_this_iter_s": result.get("time_this_iter_s"),
             "timestamp": result.get("timestamp"),
             # The driver's clock, the same as ExploitEvent.wall_time: orders results and
             # exploits exactly (Tune's timestamp is whole seconds, from the trial's process).

@@ -77,6 +77,7 @@ def resolve(
         num_to_keep=_positive_int(plain, "checkpoint.num_to_keep"),
         max_failures=int(plain.get("max_failures", 0)),
         output_dir=Path(output_dir),
+        trainable=_one_of(plain, "trainable", ("pbt_ready", "stock")),
         choices=dict(choices or {}),
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
     )
@@ -97,6 +98,13 @@ def _require(plain: Mapping[str, Any], path: str) -> Any:
             raise ConfigError(f"{path}: missing from the config")
         node = node[part]
     return node
+
+
+def _one_of(plain: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> str:
+    value = plain.get(key, allowed[0])
+    if value not in allowed:
+        raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
 def _positive_int(plain: Mapping[str, Any], path: str, minimum: int = 1) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from rl_pbt import cluster, envs
+from rl_pbt.algorithms import import_object
 from rl_pbt.analysis.report import Report, write_report
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import Plan
@@ -155,8 +156,11 @@ def make_tuner(plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     param_space = {**plan.param_space, "seed": tune.randint(0, 2**31 - 1)}
+    stock = plan.trainable == "stock"
+    trainable = (import_object(plan.algorithm.algorithm_class) if stock
+                 else pbt_trainable(plan.algorithm.algorithm_class))
     return tune.Tuner(
-        pbt_trainable(plan.algorithm.algorithm_class),
+        trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
             num_samples=plan.population,
@@ -164,7 +168,7 @@ def make_tuner(plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
             # No cap on live trials: PBT needs the whole population alive; trials that do not
             # fit wait for CPUs and PBT rotates them in at each perturbation.
             search_alg=BasicVariantGenerator(random_state=plan.seed),
-            reuse_actors=True,
+            reuse_actors=stock is False,
         ),
         run_config=tune.RunConfig(
             name="tune",

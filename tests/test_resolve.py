@@ -141,3 +141,21 @@ def test_stopper_rule():
     assert not stopper.stop_all()
     assert stopper("t", {"training_iteration": 4, "env_runners": {"episode_return_mean": 451}})
     assert stopper.stop_all()
+
+
+@pytest.mark.parametrize(("overrides", "cpus", "line"), [
+    ([], 1, "1 CPU per trial x 4 trials = 4 CPUs wanted; the cluster has 2. 2 trials train at "
+            "once; the other 2 take turns"),
+    (["experiment=seed"], 5, None),  # the guide's 4 env runners + 1 CPU
+    (["resources=rllib_defaults"], 2, "2 CPUs per trial x 4 trials = 8 CPUs wanted; the cluster "
+                                      "has 2. 1 trial trains at once; the other 3 take turns"),
+])
+def test_trial_resources_and_the_concurrency_report(overrides, cpus, line, tmp_path):
+    from rl_pbt.cluster import Concurrency, trial_resources
+
+    plan = plan_for(overrides, tmp_path)
+    trial = trial_resources(plan)
+    assert trial.cpus == cpus
+    if line:
+        fit = Concurrency(trial, 2, 0, plan.population, min(plan.population, int(2 // cpus)))
+        assert line in fit.report()

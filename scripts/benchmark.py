@@ -1,0 +1,198 @@
+"""Benchmark rl_pbt against Ray's defaults on this machine, side by side in one invocation.
+
+    python scripts/benchmark.py [--seeds 3] [--budget 300] [--out benchmarks]
+
+1. Time to solve: wall seconds from launching ``python -m rl_pbt`` until the best trial's mean
+   return first reaches the env's target (CartPole-v1: 450), for (a) rl_pbt's defaults and (b) the
+   same search (population, mutations, PBT, budget) with RLlib's and Tune's defaults: RLlib's own
+   PPO class (a new process at every exploit, ``reuse_actors=False``), one env per remote env
+   runner, RLlib's 256x256 network. Median and spread over the seeds, and the ratio.
+2. PBT efficiency: sum over trials of training time / (wall time x concurrent trial slots).
+3. Throughput: env steps per second of training of one trial, against a bare loop of the same
+   vectorised env and policy network with no learning (the physical limit here).
+4. Start-up: seconds from launch to the first trial result, rl_pbt against a plain Ray Tune
+   script that starts the same trials (``scripts/plain_tune.py``).
+
+Writes ``results.md`` and ``results.csv`` under ``--out``. Every number is measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = 450.0
+#: (b): the same search with RLlib's and Tune's defaults (see the module docstring).
+RAY_DEFAULTS = ["trainable=stock", "resources=rllib_defaults",
+                "algorithm.config._model_config.fcnet_hiddens=[256,256]"]
+
+
+def launch(args: list[str], workdir: Path, timeout: float) -> tuple[float, float, str]:
+    """Run ``python -m rl_pbt`` in ``workdir``; return launch time, end time and stdout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "rl_pbt", *args, f"hydra.run.dir={workdir}/run"],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    ended = time.time()
+    if proc.returncode != 0:
+        raise RuntimeError(f"rl_pbt {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return started, ended, proc.stdout
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "trials.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def measure_run(args: list[str], budget: float) -> dict[str, Any]:
+    """One tuning run: time to solve, efficiency, one trial's throughput, start-up."""
+    with tempfile.TemporaryDirectory(prefix="rl_pbt_bench_") as tmp:
+        workdir = Path(tmp)
+        started, ended, stdout = launch(
+            [*args, "tracking=none", f"stopper.max_seconds={budget}"], workdir, budget + 300)
+        rows = read_rows(workdir / "run")
+    slots = int(re.search(r"(\d+) trials? trains? at once", stdout)[1])
+    solved = [r["recorded_at"] for r in rows if (r.get("return") or -1e9) >= TARGET]
+    train_s = sum(r.get("time_this_iter_s") or 0.0 for r in rows)
+    steps = sum(r["env_steps"] / r["training_iteration"] for r in rows if r.get("env_steps"))
+    return {
+        "wall_s": ended - started,
+        "solve_s": min(solved) - started if solved else None,
+        "first_result_s": min(r["recorded_at"] for r in rows) - started,
+        "efficiency": train_s / ((ended - started) * slots),
+        "trial_steps_per_s": steps / train_s if train_s else None,
+        "slots": slots,
+        "exploits": stdout.count("[pbt]"),
+        "best_return": max((r.get("return") or -1e9) for r in rows),
+    }
+
+
+def bare_loop(num_envs: int = 16, hidden: tuple[int, ...] = (64, 64), seconds: float = 5.0,
+              ) -> float:
+    """Env steps per second of a vectorised CartPole driven by a torch MLP, no learning."""
+    import gymnasium as gym
+    import torch
+
+    torch.set_num_threads(1)  # as in a Ray trial (OMP_NUM_THREADS=1)
+    envs = gym.make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode="sync")
+    layers: list[torch.nn.Module] = []
+    size = envs.single_observation_space.shape[0]
+    for width in hidden:
+        layers += [torch.nn.Linear(size, width), torch.nn.Tanh()]
+        size = width
+    net = torch.nn.Sequential(*layers, torch.nn.Linear(size, 2))
+    obs, _ = envs.reset(seed=0)
+    steps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        with torch.no_grad():
+            logits = net(torch.as_tensor(obs, dtype=torch.float32))
+        actions = torch.distributions.Categorical(logits=logits).sample().numpy()
+        obs, *_ = envs.step(actions)
+        steps += num_envs
+    envs.close()
+    return steps / (time.perf_counter() - started)
+
+
+def plain_tune_startup() -> float:
+    """Seconds from launching ``scripts/plain_tune.py`` to its first trial result."""
+    started = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "plain_tune.py")],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    first = json.loads(proc.stdout.strip().splitlines()[-1])["first_result_at"]
+    return first - started
+
+
+def spread(values: list[float | None]) -> str:
+    """``median [min-max]``, with unsolved runs counted."""
+    done = [v for v in values if v is not None]
+    missing = len(values) - len(done)
+    if not done:
+        return f"not reached ({missing}/{len(values)})"
+    text = f"{statistics.median(done):.1f} [{min(done):.1f}-{max(done):.1f}]"
+    return text + (f", {missing}/{len(values)} not reached" if missing else "")
+
+
+def median(values: list[float | None]) -> float | None:
+    done = [v for v in values if v is not None]
+    return statistics.median(done) if done else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=300.0,
+                        help="wall seconds per tuning run before it counts as not solved")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    args = parser.parse_args()
+    runs: dict[str, list[dict[str, Any]]] = {"rl_pbt": [], "ray_defaults": []}
+    for seed in range(1, args.seeds + 1):  # alternate, so drift in the machine hits both
+        for name, extra in (("rl_pbt", []), ("ray_defaults", RAY_DEFAULTS)):
+            result = measure_run([f"seed={seed}", *extra], args.budget)
+            runs[name].append({"seed": seed, **result})
+            print(name, seed, json.dumps(result), flush=True)
+    startup = {"rl_pbt": [], "plain_tune": []}
+    for _ in range(args.seeds):
+        startup["plain_tune"].append(plain_tune_startup())
+        startup["rl_pbt"].append(measure_run(["stopper.max_iterations=1"], 120)["first_result_s"])
+    bare = bare_loop()
+    write_results(args.out, runs, startup, bare, args)
+
+
+def write_results(out: Path, runs: dict, startup: dict, bare: float, args: Any) -> None:
+    """The Markdown table (for the README) and the CSV of every run."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["setup", *runs["rl_pbt"][0]])
+        writer.writeheader()
+        for name, rows in runs.items():
+            for row in rows:
+                writer.writerow({"setup": name, **row})
+    ours, ray = runs["rl_pbt"], runs["ray_defaults"]
+    solve_ratio = _ratio(median([r["solve_s"] for r in ray]), median([r["solve_s"] for r in ours]))
+    trial = median([r["trial_steps_per_s"] for r in ours])
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {machine}; {args.seeds} seeds, budget "
+        f"{args.budget:.0f} s per run; CartPole-v1, target {TARGET:.0f}, population 4.",
+        "",
+        "| measure | rl_pbt defaults | Ray/RLlib defaults | ratio |",
+        "| --- | --- | --- | --- |",
+        f"| time to solve, s (median [min-max]) | {spread([r['solve_s'] for r in ours])} | "
+        f"{spread([r['solve_s'] for r in ray])} | {solve_ratio} |",
+        f"| wall time of the run, s | {spread([r['wall_s'] for r in ours])} | "
+        f"{spread([r['wall_s'] for r in ray])} | |",
+        f"| PBT efficiency (training s / (wall s x slots)) | "
+        f"{spread([r['efficiency'] for r in ours])} | {spread([r['efficiency'] for r in ray])} | |",
+        f"| one trial's env steps/s while training | "
+        f"{spread([r['trial_steps_per_s'] for r in ours])} | "
+        f"{spread([r['trial_steps_per_s'] for r in ray])} | |",
+        f"| bare loop (16 envs + 64x64 MLP, no learning), steps/s | {bare:.0f} | | "
+        f"{_ratio(trial, bare)} of it |",
+        f"| start-up: launch to first trial result, s | {spread(startup['rl_pbt'])} | "
+        f"plain Tune script: {spread(startup['plain_tune'])} | "
+        f"{_ratio(median(startup['rl_pbt']), median(startup['plain_tune']))} |",
+    ]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "n/a"
+
+
+if __name__ == "__main__":
+    main()
