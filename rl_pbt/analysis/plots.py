@@ -57,13 +57,6 @@ def _short(trial_id: str) -> str:
     return trial_id.rsplit("_", 1)[-1]
 
 
-def plot_returns(
-    records: RunRecords, segments: Sequence[Segment], info: Mapping[str, Any], path: Path
-) -> Path:
-    """Write ``returns_figure`` to ``path``."""
-    return _save(returns_figure(records, segments, info), path)
-
-
 def returns_figure(
     records: RunRecords, segments: Sequence[Segment], info: Mapping[str, Any]
 ) -> Figure:
@@ -125,13 +118,6 @@ def _checkpoint_row(
     return max(rows, key=lambda r: r.get("recorded_at", 0.0)) if rows else None
 
 
-def plot_hyperparameters(
-    records: RunRecords, segments: Sequence[Segment], info: Mapping[str, Any], path: Path
-) -> Path:
-    """Write ``hyperparameters_figure`` to ``path``."""
-    return _save(hyperparameters_figure(records, segments, info), path)
-
-
 def hyperparameters_figure(
     records: RunRecords, segments: Sequence[Segment], info: Mapping[str, Any]
 ) -> Figure:
@@ -163,7 +149,8 @@ def hyperparameters_figure(
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write a figure as PNG and free it."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from rl_pbt.analysis.lineage import RunRecords, Segment, lineage, winning_schedule
-from rl_pbt.analysis.plots import plot_hyperparameters, plot_returns
+from rl_pbt.analysis.plots import hyperparameters_figure, returns_figure, save_figure
 from rl_pbt.errors import ConfigError
 from rl_pbt.stopping import target_reached
 
@@ -71,9 +71,10 @@ def write_report(run_dir: Path) -> Report:
         "lineage": [asdict(s) for s in segments],
     }, indent=2))
     report = Report(
-        returns_png=plot_returns(records, segments, info, run_dir / "returns.png"),
-        hyperparameters_png=plot_hyperparameters(records, segments, info,
-                                                 run_dir / "hyperparameters.png"),
+        returns_png=save_figure(returns_figure(records, segments, info),
+                                run_dir / "returns.png"),
+        hyperparameters_png=save_figure(hyperparameters_figure(records, segments, info),
+                                        run_dir / "hyperparameters.png"),
         markdown=run_dir / "report.md",
         schedule_json=schedule_json,
         experiment_yaml=run_dir / EXPERIMENT_FILE,
