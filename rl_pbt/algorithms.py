@@ -57,7 +57,7 @@ class AlgorithmSpec:
     algorithm_class: str
     config_class: str
     invariants: Callable[[dict[str, Any]], dict[str, Any]]
-    check: Callable[[Mapping[str, Any]], None]
+    check: Callable[..., None]
 
 
 def import_object(path: str) -> Any:
@@ -146,11 +146,13 @@ def ppo_invariants(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def ppo_check(bounds: Mapping[str, Any]) -> None:
-    """Reject a search space whose smallest minibatch exceeds its largest train batch.
+def ppo_check(bounds: Mapping[str, Any], first: Mapping[str, Any] | None = None) -> None:
+    """Reject a search space where minibatch_size can exceed the train batch.
 
     Args:
-        bounds: key -> (lowest, highest) value the key can take, for the keys that are set.
+        bounds: key -> (lowest, highest) value the key can take over the run.
+        first: the same for the first draw only. The explore step repairs perturbed values,
+            but a trial's first config goes to RLlib as drawn, so it must be valid already.
     """
     minibatch = bounds.get("minibatch_size")
     batch = bounds.get("train_batch_size_per_learner")
@@ -158,6 +160,14 @@ def ppo_check(bounds: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"minibatch_size: smallest value {minibatch[0]} is larger than the largest "
             f"train_batch_size_per_learner {batch[1]}; need minibatch_size <= train batch"
+        )
+    start_mb, start_batch = (first or {}).get("minibatch_size"), (first or {}).get(
+        "train_batch_size_per_learner")
+    if start_mb and start_batch and start_mb[1] > start_batch[0]:
+        raise ConfigError(
+            f"minibatch_size: a first draw can be {start_mb[1]}, above the smallest first "
+            f"train_batch_size_per_learner {start_batch[0]}; lower minibatch_size's high or "
+            "raise the train batch's low"
         )
     epochs = bounds.get("num_epochs")
     if epochs and epochs[1] < 1:
@@ -180,5 +190,5 @@ def _unchanged(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _no_check(bounds: Mapping[str, Any]) -> None:
+def _no_check(bounds: Mapping[str, Any], first: Mapping[str, Any] | None = None) -> None:
     return None

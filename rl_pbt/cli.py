@@ -36,9 +36,13 @@ def discard_empty_output_dir() -> None:
     bookkeeping = {".hydra", f"{HydraConfig.get().job.name}.log"}
     if folder.is_dir() and {p.name for p in folder.iterdir()} <= bookkeeping:
         shutil.rmtree(folder)
-        for parent in (folder.parent, folder.parent.parent):
-            if parent.name and not any(parent.iterdir()):
-                parent.rmdir()
+        # Hydra's default layout outputs/DATE/TIME: drop the DATE and outputs folders it made,
+        # when empty. A folder the user named with hydra.run.dir is never touched above it.
+        date, top = folder.parent, folder.parent.parent
+        if top.name == "outputs":
+            for parent in (date, top):
+                if not any(parent.iterdir()):
+                    parent.rmdir()
 
 
 def group_options(group: str) -> list[str]:

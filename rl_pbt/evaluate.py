@@ -18,10 +18,16 @@ from typing import Any
 
 from rl_pbt.cli import fail
 from rl_pbt.errors import ConfigError
+from rl_pbt.values import first_line
 
 MODULE_PATH = Path("learner_group", "learner", "rl_module", "default_policy")
-OPTIONS = {"episodes": int, "video": lambda v: v.lower() in ("1", "true", "yes"), "seed": int,
-           "env": str}
+def _flag(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1", "yes")
+
+
+OPTIONS = {"episodes": int, "video": _flag, "seed": int, "env": str}
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ def parse_options(args: list[str]) -> tuple[Path, dict[str, Any]]:
             raise ConfigError(f"{key}: cannot read {value!r}") from None
     if options["episodes"] < 1:
         raise ConfigError(f"episodes: must be >= 1, got {options['episodes']}")
+    if options["seed"] < 0:
+        raise ConfigError(f"seed: must be >= 0, got {options['seed']}")
     return Path(paths[0]), options
 
 
@@ -74,8 +82,10 @@ def find_target(path: Path, env_override: str | None) -> Target:
     env_id = env_override or env.get("id")
     if not env_id:
         raise ConfigError(f"{checkpoint}: not inside an rl_pbt run folder; pass env=ID")
-    return Target(checkpoint, env_id, dict(env.get("env_config") or {}),
-                  None if env_override else env.get("entry_point"), run_dir)
+    if env_override:  # another env: the run's env_config and entry point are not its own
+        return Target(checkpoint, env_override, {}, None, run_dir)
+    return Target(checkpoint, env_id, dict(env.get("env_config") or {}), env.get("entry_point"),
+                  run_dir)
 
 
 def _run_dir_above(path: Path) -> Path | None:
@@ -96,8 +106,7 @@ def load_module(checkpoint: Path) -> Any:
     try:
         return RLModule.from_checkpoint(str((checkpoint / MODULE_PATH).resolve()))
     except Exception as err:  # a corrupt checkpoint fails in many ways inside RLlib
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{checkpoint}: cannot load the checkpoint ({reason})") from None
+        raise ConfigError(f"{checkpoint}: cannot load the checkpoint ({first_line(err)})") from None
 
 
 def play(module: Any, env: Any, episodes: int, seed: int, frames: list | None) -> list[dict]:
@@ -141,8 +150,15 @@ def evaluate(target: Target, episodes: int, video: bool, seed: int) -> dict[str,
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     module = load_module(target.checkpoint)
     kwargs = {"render_mode": "rgb_array"} if video else {}
-    env = (make_from_entry_point(target.entry_point, {**target.env_config, **kwargs})
-           if target.entry_point else gym.make(target.env_id, **target.env_config, **kwargs))
+    try:
+        env = (make_from_entry_point(target.entry_point, {**target.env_config, **kwargs})
+               if target.entry_point else gym.make(target.env_id, **target.env_config, **kwargs))
+        if video:
+            env.reset(seed=seed)
+            env.render()  # fails here, not after the episodes, when pygame is missing
+    except Exception as err:  # unknown id, missing extras (pygame for video), bad env_config
+        raise ConfigError(f"env: cannot build {target.env_id} for evaluation: "
+                          f"{first_line(err)}") from None
     frames: list | None = [] if video else None
     try:
         episodes_out = play(module, env, episodes, seed, frames)

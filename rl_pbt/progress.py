@@ -6,7 +6,6 @@ line with the best trial so far and each trial's latest return.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -15,17 +14,15 @@ from ray.tune.experiment import Trial
 
 from rl_pbt.schedulers import ExploitEvent
 from rl_pbt.stopping import result_value
-
-
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+from rl_pbt.values import finite, short
 
 
 class ProgressPrinter(Callback):
     """Print exploits as they happen and a throttled one-line status of the population."""
 
-    def __init__(self, metric: str, every_s: float = 15.0) -> None:
+    def __init__(self, metric: str, mode: str, every_s: float = 15.0) -> None:
         self.metric = metric
+        self.pick = max if mode == "max" else min
         self.every_s = every_s
         self.started = time.monotonic()
         self.last_print = self.started
@@ -35,7 +32,7 @@ class ProgressPrinter(Callback):
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
     ) -> None:
         score = result_value(result, self.metric)
-        if isinstance(score, (int, float)) and not math.isnan(score):
+        if finite(score) is not None:
             self.latest[trial.trial_id] = (int(result.get("training_iteration", 0)), score)
         now = time.monotonic()
         if now - self.last_print >= self.every_s and self.latest:
@@ -43,14 +40,14 @@ class ProgressPrinter(Callback):
             print(self.status_line(now), flush=True)
 
     def status_line(self, now: float) -> str:
-        best_id, (best_it, best) = max(self.latest.items(), key=lambda kv: kv[1][1])
+        best_id, (best_it, best) = self.pick(self.latest.items(), key=lambda kv: kv[1][1])
         others = "  ".join(f"{tid[-5:]}:{score:.1f}@{it}"
                            for tid, (it, score) in sorted(self.latest.items()))
         return (f"[{now - self.started:5.0f} s] best {best:.1f} (trial {best_id}, iteration "
                 f"{best_it})  |  {others}")
 
     def on_exploit(self, event: ExploitEvent) -> None:
-        changes = ", ".join(f"{k} {_short(event.old.get(k))}->{_short(v)}"
+        changes = ", ".join(f"{k} {short(event.old.get(k))}->{short(v)}"
                             for k, v in event.new.items() if event.old.get(k) != v)
         print(f"[pbt] {event.trial_id} cloned {event.source_id} at iteration "
               f"{event.iteration}: {changes}", flush=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class RunRecorder(Callback):
         self.output_dir = output_dir
         self.metric = metric
         self.mutated = mutated
+        self.pending: list[ExploitEvent] = []
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
         with (self.output_dir / name).open("a") as handle:
@@ -64,9 +65,24 @@ class RunRecorder(Callback):
             "hyperparameters": {k: trained_config(result, trial).get(k) for k in self.mutated},
             "probe": result.get(PROBE),
         })
+        self._flush()
 
     def on_exploit(self, event: ExploitEvent) -> None:
-        self._append(EXPLOITS_FILE, asdict(event))
+        """Hold the event until the result that triggered it is written.
+
+        Tune runs the scheduler (where the exploit happens) before the callbacks, so the
+        triggering result, trained with the old weights and values, would otherwise be
+        recorded after the exploit and read as the first result of the clone.
+        """
+        self.pending.append(event)
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        for event in self.pending:
+            self._append(EXPLOITS_FILE, asdict(replace(event, wall_time=time.time())))
+        self.pending.clear()
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -60,8 +60,7 @@ def replay_plan(run_dir: Path, schedule: dict[str, Any], seeds: int) -> Any:
     out = run_dir / "replay" / time.strftime("%Y-%m-%d_%H-%M-%S")
     plan = resolve(OmegaConf.create(info["config"]), out, info.get("choices"))
     points = schedule["schedule"]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    tracking = summary.get("tracking") or {}
+    tracking = run_summary(run_dir).get("tracking") or {}
     return replace(
         plan,
         name=f"replay-{plan.name}",
@@ -77,6 +76,14 @@ def replay_plan(run_dir: Path, schedule: dict[str, Any], seeds: int) -> Any:
     )
 
 
+def run_summary(run_dir: Path) -> dict[str, Any]:
+    """``summary.json``: a run that was killed before it finished has none."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no summary.json (the run did not finish); nothing to replay")
+    return json.loads(path.read_text())
+
+
 def _final_iteration(run_dir: Path, schedule: dict[str, Any]) -> int:
     lineage = schedule.get("lineage") or []
     if not lineage:
@@ -90,8 +97,7 @@ def replay(run_dir: Path, seeds: int) -> dict[str, Any]:
 
     schedule = load_schedule(run_dir)
     plan = replay_plan(run_dir, schedule, seeds)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    parent = (summary.get("tracking") or {}).get("parent_run_id")
+    parent = (run_summary(run_dir).get("tracking") or {}).get("parent_run_id")
     previous = os.environ.get("MLFLOW_RUN_ID")
     if parent:
         os.environ["MLFLOW_RUN_ID"] = parent  # nest the replay under the original run

@@ -6,6 +6,7 @@ in one :class:`~rl_pbt.errors.ConfigError` and nothing half-written.
 
 from __future__ import annotations
 
+import difflib
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,9 +23,15 @@ from rl_pbt.distributions import Distribution, as_distribution
 from rl_pbt.envs import make_from_entry_point
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import EnvSpec, Plan, Resources, SchedulerSpec, StopRule, Tracking
+from rl_pbt.values import finite, first_line
 
 GROUPS = ("env", "algorithm", "mutations", "scheduler", "stopper", "resources", "tracking")
 SCHEDULERS = ("pbt", "fifo")
+PBT_OPTIONS = ("time_attr", "perturbation_interval", "burn_in_period", "quantile_fraction",
+               "resample_probability", "perturbation_factors", "log_config", "synch")
+#: Result keys that grow with training: PBT's clock.
+TIME_ATTRS = ("training_iteration", "time_total_s", "num_env_steps_sampled_lifetime",
+              "env_runners/num_env_steps_sampled_lifetime")
 TRACKING_BACKENDS = ("mlflow", "none")
 
 
@@ -58,9 +65,15 @@ def resolve(
     for key, dist in mutations.items():
         if start == "sample" or key not in param_space:
             param_space[key] = dist.to_tune()
-    algorithm.check(_bounds(fixed, initial, mutations))
+    drawn = {k: d for k, d in mutations.items()
+             if start == "sample" or (k not in fixed and k not in initial)}
+    algorithm.check(
+        _bounds(fixed, initial, mutations),
+        _bounds({k: v for k, v in fixed.items() if k not in drawn},
+                {k: d for k, d in initial.items() if k not in drawn}, drawn),
+    )
     seed = plain.get("seed")
-    seed = random.randrange(2**31) if seed is None else int(seed)
+    seed = random.randrange(2**31) if seed is None else _positive_int(plain, "seed", minimum=0)
     return Plan(
         name=f"{algorithm.name}-{env.id}",
         algorithm=algorithm,
@@ -75,7 +88,7 @@ def resolve(
         population=population,
         seed=seed,
         num_to_keep=_positive_int(plain, "checkpoint.num_to_keep"),
-        max_failures=int(plain.get("max_failures", 0)),
+        max_failures=_positive_int(plain, "max_failures", minimum=0),
         output_dir=Path(output_dir),
         trainable=_one_of(plain, "trainable", ("pbt_ready", "stock")),
         choices=dict(choices or {}),
@@ -139,9 +152,14 @@ def _make_env(env_id: str, entry_point: str | None, env_config: dict[str, Any]) 
     if entry_point:
         import_object(entry_point)  # a bad path is a ConfigError that names it
         try:
-            return make_from_entry_point(entry_point, env_config)
-        except TypeError as err:
-            raise ConfigError(f"env.env_config: {entry_point} rejects it: {err}") from None
+            env = make_from_entry_point(entry_point, env_config)
+        except Exception as err:  # the user's class may fail in any way; say so in one line
+            raise ConfigError(f"env: cannot build {entry_point} with env.env_config "
+                              f"{env_config}: {first_line(err)}") from None
+        if not isinstance(getattr(env, "action_space", None), gym.spaces.Space):
+            raise ConfigError(f"env.entry_point: {entry_point} is not a gymnasium.Env "
+                              "(it has no action_space)")
+        return env
     try:
         gym.spec(env_id)
     except gym.error.Error:
@@ -151,8 +169,9 @@ def _make_env(env_id: str, entry_point: str | None, env_config: dict[str, Any]) 
         ) from None
     try:
         return gym.make(env_id, **env_config)
-    except TypeError as err:
-        raise ConfigError(f"env.env_config: {env_id} rejects it: {err}") from None
+    except Exception as err:  # missing extras (box2d, mujoco) or bad env_config
+        raise ConfigError(f"env: cannot build {env_id} with env.env_config {env_config}: "
+                          f"{first_line(err)}") from None
 
 
 def resolve_algorithm_config(
@@ -195,16 +214,12 @@ def _instantiate(spec: Any, where: str) -> Distribution:
             spec = instantiate(spec, _convert_="all")
         except InstantiationException as err:
             cause = err.__cause__
-            reason = str(cause) if isinstance(cause, ConfigError) else _first_line(err)
+            reason = str(cause) if isinstance(cause, ConfigError) else first_line(err)
             raise ConfigError(f"{where}: {reason}") from None
     try:
         return as_distribution(spec)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0]
 
 
 def _bounds(
@@ -237,6 +252,18 @@ def resolve_scheduler(scheduler: Mapping[str, Any], population: int) -> Schedule
     if population < 2:
         raise ConfigError(f"population: PBT needs at least 2 trials, got {population}")
     options = {k: v for k, v in scheduler.items() if k != "name"}
+    for key in options:
+        if key not in PBT_OPTIONS:
+            close = difflib.get_close_matches(key, PBT_OPTIONS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"scheduler.{key}: not a PBT option; {hint}"
+                              f"known: {', '.join(PBT_OPTIONS)}")
+    if options.get("time_attr") not in TIME_ATTRS:
+        raise ConfigError(f"scheduler.time_attr: unknown {options.get('time_attr')!r}; "
+                          f"choose from {', '.join(TIME_ATTRS)}")
+    for key in ("log_config", "synch"):
+        if not isinstance(options.get(key), bool):
+            raise ConfigError(f"scheduler.{key}: must be true or false, got {options.get(key)!r}")
     _check_number(options, "perturbation_interval", low=0, low_open=True)
     _check_number(options, "burn_in_period", low=0)
     _check_number(options, "quantile_fraction", low=0, high=0.5, low_open=True)
@@ -249,7 +276,7 @@ def resolve_scheduler(scheduler: Mapping[str, Any], population: int) -> Schedule
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return finite(value) is not None
 
 
 def _check_number(

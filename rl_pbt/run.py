@@ -90,24 +90,24 @@ def execute(plan: Plan, tags: Mapping[str, str] | None = None) -> dict[str, Any]
     random.seed(plan.seed)  # PBT draws its quantile picks and perturbations from `random`
     scheduler = build_scheduler(plan)
     recorder = RunRecorder(plan.output_dir, plan.stop.metric, list(plan.mutations))
-    progress = ProgressPrinter(plan.stop.metric)
+    progress = ProgressPrinter(plan.stop.metric, plan.stop.mode)
     scheduler.listeners += [recorder.on_exploit, progress.on_exploit]
     tracker = MlflowTracker(plan) if plan.tracking.enabled else None
     tracking = _open_tracking(tracker, plan, scheduler, tags or {})
     callbacks = [recorder, progress, *([tracker] if tracker else [])]
     try:
         results = make_tuner(plan, scheduler, callbacks).fit()
+        exploits: dict[str, int] = {}
+        for event in scheduler.events:
+            exploits[event.trial_id] = exploits.get(event.trial_id, 0) + 1
+        summary = build_summary(plan, results, exploits, time.monotonic() - started,
+                                fit.report(), tracking)
+        write_summary(summary, plan.output_dir)
+        report = _write_report(plan)
     except BaseException:
-        if tracker:
+        if tracker:  # never leave the parent run RUNNING
             tracker.close(None, "KILLED")
         raise
-    exploits: dict[str, int] = {}
-    for event in scheduler.events:
-        exploits[event.trial_id] = exploits.get(event.trial_id, 0) + 1
-    summary = build_summary(plan, results, exploits, time.monotonic() - started, fit.report(),
-                            tracking)
-    write_summary(summary, plan.output_dir)
-    report = _write_report(plan)
     if tracker:
         tracker.close(summary, artifacts=report.paths() if report else [])
     print(format_summary(summary), flush=True)

@@ -43,8 +43,11 @@ class RecordingPBT(PopulationBasedTraining):
     def _exploit(self, tune_controller: Any, trial: Trial, trial_to_clone: Trial) -> None:
         keys = list(self._hyperparam_mutations)
         old = {k: trial.config.get(k) for k in keys}
-        iteration = trial.last_result.get("training_iteration", 0)
-        source_iteration = trial_to_clone.last_result.get("training_iteration", 0)
+        # The scheduler's own state holds the result being processed (trial.last_result is one
+        # behind) and, for the clone, the result its checkpoint was taken at.
+        iteration = (self._trial_state[trial].last_result or {}).get("training_iteration", 0)
+        source_iteration = (self._trial_state[trial_to_clone].last_result or {}).get(
+            "training_iteration", 0)
         super()._exploit(tune_controller, trial, trial_to_clone)
         event = ExploitEvent(
             trial_id=trial.trial_id,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 from ray.tune.stopper import Stopper
 
 from rl_pbt.plan import StopRule
+from rl_pbt.values import finite
 
 #: Lifetime env steps sampled by one trial, as RLlib's new API stack reports them.
 ENV_STEPS = "env_runners/num_env_steps_sampled_lifetime"
@@ -28,7 +28,7 @@ def result_value(result: dict[str, Any], key: str) -> Any:
 
 def target_reached(value: Any, target: float | None, mode: str) -> bool:
     """True when a finite score is at or beyond the target in the direction of ``mode``."""
-    if target is None or not isinstance(value, (int, float)) or math.isnan(value):
+    if target is None or finite(value) is None:
         return False
     return value >= target if mode == "max" else value <= target
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,13 +13,7 @@ import yaml
 from rl_pbt.analysis.lineage import RunRecords
 from rl_pbt.plan import Plan
 from rl_pbt.stopping import target_reached
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
+from rl_pbt.values import finite, first_line, short
 
 _TRIAL_DIR = re.compile(r"_(?P<id>[0-9a-f]{5}_\d{5})_")
 
@@ -44,15 +37,15 @@ def trial_rows(plan: Plan, results: Any, exploits: Mapping[str, int]) -> list[di
     paused trial waited for a reused actor, its Result carried another trial's metrics and path.
     Only errors are taken from it.
     """
-    errors = {trial_id_of(r.path): str(r.error).splitlines()[0] for r in results if r.error}
+    errors = {trial_id_of(r.path): first_line(r.error) for r in results if r.error}
     finals = RunRecords.load(plan.output_dir).final_rows()
     rows = []
     for trial_id in sorted(set(finals) | {t for t in errors if t}):
         last = finals.get(trial_id, {})
         rows.append({
             "trial_id": trial_id,
-            "return": _number(last.get("return")),
-            "env_steps": _number(last.get("env_steps")),
+            "return": finite(last.get("return")),
+            "env_steps": finite(last.get("env_steps")),
             "iterations": last.get("training_iteration"),
             "hyperparameters": last.get("hyperparameters", {}),
             "checkpoint": latest_checkpoint(plan.output_dir / "tune", trial_id),
@@ -140,7 +133,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         hit = target_reached(best["return"], target, summary["mode"])
         reached = "" if target is None else (
             f" (target {target:g}: {'reached' if hit else 'not reached'})")
-        hyper = ", ".join(f"{k}={_short(v)}" for k, v in best["hyperparameters"].items())
+        hyper = ", ".join(f"{k}={short(v)}" for k, v in best["hyperparameters"].items())
         lines += [
             f"best trial   {best['trial_id']}: return {best['return']:.1f}{reached}",
             f"env steps    {best['env_steps']:.0f} in {best['iterations']} iterations"
@@ -160,7 +153,3 @@ def format_summary(summary: Mapping[str, Any]) -> str:
                   f"open the UI  {tracking['ui_command']}"]
     lines.append(f"run folder   {summary['output_dir']}")
     return "\n".join(lines)
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -9,7 +9,6 @@ as a tag, a metric and a JSON artifact on the trial's child run.
 
 from __future__ import annotations
 
-import math
 import os
 import urllib.error
 import urllib.request
@@ -25,6 +24,7 @@ from rl_pbt.plan import Plan, Tracking
 from rl_pbt.records import trained_config
 from rl_pbt.schedulers import ExploitEvent
 from rl_pbt.stopping import ENV_STEPS, result_value
+from rl_pbt.values import finite
 
 PARENT_TAG = "mlflow.parentRunId"
 #: Result keys logged as metrics at every iteration, under these names.
@@ -68,10 +68,6 @@ def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(value)[:6000]
     return out
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class MlflowTracker(Callback):
@@ -140,7 +136,7 @@ class MlflowTracker(Callback):
                 self.client.log_param(self.parent_id, f"best.{key}", str(value))
             metrics = {"best_return": best.get("return"), "best_env_steps": best.get("env_steps")}
             for key, value in metrics.items():
-                if _finite(value):
+                if finite(value) is not None:
                     self.client.log_metric(self.parent_id, key, float(value))
             for key in ("trial_id", "checkpoint"):
                 if best.get(key):
@@ -179,7 +175,8 @@ class MlflowTracker(Callback):
         values = {name: result_value(result, key) for key, name in RESULT_METRICS.items()}
         config = trained_config(result, trial)
         values.update({f"hp.{k}": config.get(k) for k in self.mutated})
-        metrics = [Metric(name, float(v), stamp, step) for name, v in values.items() if _finite(v)]
+        numbers = {name: finite(v) for name, v in values.items()}
+        metrics = [Metric(name, v, stamp, step) for name, v in numbers.items() if v is not None]
         self.client.log_batch(run_id, metrics=metrics)
 
     def on_exploit(self, event: ExploitEvent) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -39,13 +40,33 @@ def test_evaluate_the_best_agent_with_a_video(finished_run):
     plan, summary = finished_run
     result = evaluate.main([str(plan.output_dir), "episodes=2", "video=true"])
     assert result["episodes"] == 2 and len(result["per_episode"]) == 2
-    assert result["return_mean"] > 0
+    returns = [e["return"] for e in result["per_episode"]]
+    assert result["return_mean"] == pytest.approx(sum(returns) / 2)
+    assert returns == [e["length"] for e in result["per_episode"]]  # CartPole: +1 a step
     assert result["checkpoint"] == summary["best"]["checkpoint"]
     gif = plan.output_dir / "evaluation" / "episode.gif"
     assert gif.read_bytes()[:6] == b"GIF89a"
     run = MlflowClient(plan.tracking.tracking_uri).get_run(result["mlflow_run_id"])
     assert run.data.tags["mlflow.parentRunId"] == summary["tracking"]["parent_run_id"]
     assert run.data.metrics["return_mean"] == pytest.approx(result["return_mean"])
+
+
+def test_winning_schedule_is_what_the_lineage_trained_with(finished_run):
+    """Each stretch after the first starts at an exploit whose new values it trained with."""
+    from rl_pbt.analysis.lineage import RunRecords
+
+    plan, _ = finished_run
+    records = RunRecords.load(plan.output_dir)
+    lineage = json.loads((plan.output_dir / "best_schedule.json").read_text())["lineage"]
+    for segment in lineage:
+        rows = [r for r in records.rows_of(segment["trial_id"])
+                if segment["first_iteration"] <= r["training_iteration"]
+                <= segment["last_iteration"]]
+        assert rows and all(r["hyperparameters"] == segment["hyperparameters"] for r in rows)
+    for earlier, later in itertools.pairwise(lineage):
+        events = [e for e in records.exploits
+                  if e["trial_id"] == later["trial_id"] and e["source_id"] == earlier["trial_id"]]
+        assert any(e["new"] == later["hyperparameters"] for e in events)
 
 
 def test_replay_follows_the_winning_schedule_on_fresh_seeds(finished_run):

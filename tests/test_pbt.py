@@ -64,7 +64,8 @@ def test_exploit_trains_with_new_values_from_the_clones_weights(pbt_run):
 def test_mlflow_has_parent_children_schedule_and_exploits(pbt_run, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    plan, summary, _ = pbt_run
+    plan, summary, out = pbt_run
+    rows = read_jsonl(out / TRIALS_FILE)
     client = MlflowClient(mlflow_server)
     parent_id = summary["tracking"]["parent_run_id"]
     parent = client.get_run(parent_id)
@@ -82,7 +83,9 @@ def test_mlflow_has_parent_children_schedule_and_exploits(pbt_run, mlflow_server
     for child in children:
         history = client.get_metric_history(child.info.run_id, "hp.lr")
         returns = client.get_metric_history(child.info.run_id, "episode_return_mean")
-        assert len(history) == int(child.data.metrics["training_iteration"]) or history
+        results = _rows_of(rows, child.data.tags["rl_pbt.trial_id"])
+        assert len(history) == len(results)  # one schedule point per result
+        assert [m.value for m in history] == [r["hyperparameters"]["lr"] for r in results]
         assert returns
         exploit_tags = [k for k in child.data.tags if k.startswith("rl_pbt.exploit.")]
         if exploit_tags:

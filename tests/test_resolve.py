@@ -36,7 +36,7 @@ def test_every_option_composes_and_resolves(group, option, tmp_path):
     for key in plan.mutations:
         assert key in plan.param_space
     assert plan.param_space["env"] == plan.env.rllib_name
-    assert plan.population >= 2
+    assert plan.initial_config["env"] == plan.env.rllib_name
 
 
 def test_every_group_has_options():
@@ -116,6 +116,19 @@ def test_relative_sqlite_uri_is_anchored_at_the_launch_dir(tmp_path):
         (["env=entry_point", "env.entry_point=no.such:Env", "env.target_return=1"],
          "cannot import 'no.such:Env'"),
         (["tracking.backend=wandb"], "tracking.backend: unknown 'wandb'"),
+        (["+scheduler.perturbation_intervall=3"],
+         "scheduler.perturbation_intervall: not a PBT option; "
+         "did you mean 'perturbation_interval'"),
+        (["scheduler.time_attr=time_totl_s"], "scheduler.time_attr: unknown 'time_totl_s'"),
+        (["scheduler.synch=maybe"], "scheduler.synch: must be true or false"),
+        (["seed=abc"], "seed: must be an integer >= 0, got 'abc'"),
+        (["max_failures=1.5"], "max_failures: must be an integer >= 0"),
+        (["env=gym", "env.id=LunarLander-v3", "env.target_return=200"],
+         "env: cannot build LunarLander-v3"),
+        (["+env.env_config.no_such_arg=1"], "env: cannot build CartPole-v1"),
+        (["mutations=wide", "mutations.hyperparams.train_batch_size_per_learner.low=500"],
+         "minibatch_size: a first draw can be 1000, above the smallest first "
+         "train_batch_size_per_learner 500"),
     ],
 )
 def test_bad_input_is_one_config_error(overrides, message, tmp_path):

@@ -79,13 +79,18 @@ def test_exploit_is_recorded_without_relogging_params(plan):
     assert parent_run.data.tags["rl_pbt.env"] == "cartpole"
 
 
-def test_parent_nests_under_an_active_run(plan):
+def test_parent_nests_under_an_active_run(plan, tmp_path):
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(plan.tracking.tracking_uri)
-    mlflow.set_experiment("managed_job")
-    with mlflow.start_run() as job:
-        tracker = MlflowTracker(plan)
-        parent = tracker.open({})
-        tracker.close(None)
+    try:
+        job_experiment = MlflowClient(plan.tracking.tracking_uri).create_experiment(
+            "managed_job", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=job_experiment) as job:
+            tracker = MlflowTracker(plan)
+            parent = tracker.open({})
+            tracker.close(None)
+    finally:
+        mlflow.set_tracking_uri(previous)
     run = MlflowClient(plan.tracking.tracking_uri).get_run(parent)
     assert run.data.tags["mlflow.parentRunId"] == job.info.run_id
     assert run.info.experiment_id == job.info.experiment_id

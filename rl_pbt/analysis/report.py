@@ -7,6 +7,7 @@ at the end of a tuning run or later with ``python -m rl_pbt.report RUN_DIR``.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from rl_pbt.analysis.lineage import RunRecords, Segment, lineage, winning_schedu
 from rl_pbt.analysis.plots import hyperparameters_figure, returns_figure, save_figure
 from rl_pbt.errors import ConfigError
 from rl_pbt.stopping import target_reached
+from rl_pbt.values import finite, short
 
 EXPERIMENT_FILE = "best_experiment.yaml"
 
@@ -49,7 +51,7 @@ def load_info(run_dir: Path) -> dict[str, Any]:
 def best_trial(records: RunRecords, mode: str) -> str:
     """The trial whose final result scores best (as in ``summary.json``)."""
     finals = records.final_rows().items()
-    scored = {t: r["return"] for t, r in finals if r.get("return") is not None}
+    scored = {t: finite(r.get("return")) for t, r in finals if finite(r.get("return")) is not None}
     if not scored:
         raise ConfigError("no trial reported a return (no episode finished); nothing to report")
     pick = max if mode == "max" else min
@@ -87,7 +89,8 @@ def write_report(run_dir: Path) -> Report:
 def reproduce_command(info: Mapping[str, Any]) -> str:
     """The command line of the run, with its seed pinned."""
     command = info.get("command") or "python -m rl_pbt"
-    if "seed=" not in command:
+    tuning = re.match(r"python -m rl_pbt( |$)", command)  # not rl_pbt.replay etc.
+    if tuning and not re.search(r"(^|\s)seed=", command):
         command += f" seed={info.get('seed')}"
     return command
 
@@ -120,7 +123,7 @@ def markdown(
         "| --- | --- | --- | " + " | ".join("---" for _ in keys) + " |",
     ]
     for point in schedule:
-        values = " | ".join(_fmt(point["hyperparameters"].get(k)) for k in keys)
+        values = " | ".join(short(point["hyperparameters"].get(k)) for k in keys)
         lines.append(f"| {point['iteration']} | {point['env_steps']} | `{point['trial_id']}` | "
                      f"{values} |")
     lines += [
@@ -148,10 +151,6 @@ def markdown(
         "",
     ]
     return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def experiment_file(info: Mapping[str, Any], final: Mapping[str, Any], run_dir: Path) -> str:
