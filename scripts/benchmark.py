@@ -116,13 +116,14 @@ def plain_tune_startup() -> float:
     return first - started
 
 
-def spread(values: list[float | None]) -> str:
+def spread(values: list[float | None], digits: int = 1) -> str:
     """``median [min-max]``, with unsolved runs counted."""
     done = [v for v in values if v is not None]
     missing = len(values) - len(done)
     if not done:
         return f"not reached ({missing}/{len(values)})"
-    text = f"{statistics.median(done):.1f} [{min(done):.1f}-{max(done):.1f}]"
+    low, mid, high = min(done), statistics.median(done), max(done)
+    text = f"{mid:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]"
     return text + (f", {missing}/{len(values)} not reached" if missing else "")
 
 
@@ -148,6 +149,7 @@ def main() -> None:
     for _ in range(args.seeds):
         startup["plain_tune"].append(plain_tune_startup())
         startup["rl_pbt"].append(measure_run(["stopper.max_iterations=1"], 120)["first_result_s"])
+        print("startup", json.dumps({k: v[-1] for k, v in startup.items()}), flush=True)
     bare = bare_loop()
     write_results(args.out, runs, startup, bare, args)
 
@@ -162,7 +164,10 @@ def write_results(out: Path, runs: dict, startup: dict, bare: float, args: Any) 
             for row in rows:
                 writer.writerow({"setup": name, **row})
     ours, ray = runs["rl_pbt"], runs["ray_defaults"]
-    solve_ratio = _ratio(median([r["solve_s"] for r in ray]), median([r["solve_s"] for r in ours]))
+    ours_solve = median([r["solve_s"] for r in ours])
+    ray_solve = median([r["solve_s"] for r in ray])
+    solve_ratio = (_ratio(ray_solve, ours_solve) if ray_solve
+                   else f"> {_ratio(args.budget, ours_solve)} (budget / ours)")
     trial = median([r["trial_steps_per_s"] for r in ours])
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     lines = [
@@ -176,7 +181,8 @@ def write_results(out: Path, runs: dict, startup: dict, bare: float, args: Any) 
         f"| wall time of the run, s | {spread([r['wall_s'] for r in ours])} | "
         f"{spread([r['wall_s'] for r in ray])} | |",
         f"| PBT efficiency (training s / (wall s x slots)) | "
-        f"{spread([r['efficiency'] for r in ours])} | {spread([r['efficiency'] for r in ray])} | |",
+        f"{spread([r['efficiency'] for r in ours], 2)} | "
+        f"{spread([r['efficiency'] for r in ray], 2)} | |",
         f"| one trial's env steps/s while training | "
         f"{spread([r['trial_steps_per_s'] for r in ours])} | "
         f"{spread([r['trial_steps_per_s'] for r in ray])} | |",

@@ -41,7 +41,7 @@ def test_exploit_trains_with_new_values_from_the_clones_weights(pbt_run):
     _, _, out = pbt_run
     rows = read_jsonl(out / TRIALS_FILE)
     events = read_jsonl(out / EXPLOITS_FILE)
-    checked = 0
+    checked = changed = 0
     for event in events:
         after = [r for r in _rows_of(rows, event["trial_id"])
                  if r["probe"]["restored"] and r["recorded_at"] > event["wall_time"]]
@@ -50,7 +50,8 @@ def test_exploit_trains_with_new_values_from_the_clones_weights(pbt_run):
         first = min(after, key=lambda r: r["recorded_at"])
         probe, iteration = first["probe"], first["training_iteration"]
         assert probe["lr_first_update"] == pytest.approx(event["new"]["lr"], rel=1e-6)
-        assert probe["lr_first_update"] != pytest.approx(event["old"]["lr"], rel=1e-9)
+        # A trial that cloned the same trial before can get the same value again.
+        changed += event["new"]["lr"] != pytest.approx(event["old"]["lr"], rel=1e-9)
         assert probe["clip_param_used"] == pytest.approx(event["new"]["clip_param"], rel=1e-6)
         # The clone's checkpoint holds its weights at the end of iteration - 1.
         source = [r for r in _rows_of(rows, event["source_id"])
@@ -58,7 +59,7 @@ def test_exploit_trains_with_new_values_from_the_clones_weights(pbt_run):
                   and r["recorded_at"] < event["wall_time"]]
         assert probe["digest_start"] == source[-1]["probe"]["digest_end"]
         checked += 1
-    assert checked >= 1
+    assert checked >= 1 and changed >= 1
 
 
 def test_mlflow_has_parent_children_schedule_and_exploits(pbt_run, mlflow_server):
