@@ -20,6 +20,7 @@ from ray.tune.experiment import Trial
 from rl_pbt.schedulers import ExploitEvent
 from rl_pbt.stopping import ENV_STEPS, result_value
 from rl_pbt.trainable import PROBE
+from rl_pbt.values import finite
 
 TRIALS_FILE = "trials.jsonl"
 EXPLOITS_FILE = "exploits.jsonl"
@@ -54,8 +55,9 @@ class RunRecorder(Callback):
         self._append(TRIALS_FILE, {
             "trial_id": trial.trial_id,
             "training_iteration": result.get("training_iteration"),
-            "return": result_value(result, self.metric),
-            "env_steps": result_value(result, ENV_STEPS),
+            # NaN (no episode finished this iteration) is written as null: valid JSON.
+            "return": finite(result_value(result, self.metric)),
+            "env_steps": finite(result_value(result, ENV_STEPS)),
             "time_total_s": result.get("time_total_s"),
             "time_this_iter_s": result.get("time_this_iter_s"),
             "timestamp": result.get("timestamp"),
