@@ -5,8 +5,9 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from rl_pbt.errors import ConfigError
 
@@ -18,6 +19,33 @@ def fail(err: ConfigError) -> NoReturn:
     """Print one line and exit 2: the entry point's answer to bad input."""
     print(f"rl_pbt: error: {err}", file=sys.stderr)
     sys.exit(2)
+
+
+def parse_path_and_options(
+    args: list[str], readers: dict[str, Callable[[str], Any]], defaults: dict[str, Any],
+    usage: str,
+) -> tuple[Path, dict[str, Any]]:
+    """``PATH key=value ...``, as the commands that work on a run folder take them.
+
+    Args:
+        args: the command line after the program name.
+        readers: option name -> function that turns its text into a value (raises ValueError).
+        defaults: option name -> value when the option is not given.
+        usage: the line shown when the path is missing or doubled.
+    """
+    paths = [a for a in args if "=" not in a]
+    if len(paths) != 1:
+        raise ConfigError(f"usage: {usage}")
+    options = dict(defaults)
+    for arg in (a for a in args if "=" in a):
+        key, _, value = arg.partition("=")
+        if key not in readers:
+            raise ConfigError(f"{key}: unknown option; choose from {', '.join(readers)}")
+        try:
+            options[key] = readers[key](value)
+        except ValueError:
+            raise ConfigError(f"{key}: cannot read {value!r}") from None
+    return Path(paths[0]), options
 
 
 def discard_empty_output_dir() -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rl_pbt.cli import fail
+from rl_pbt.cli import fail, parse_path_and_options
 from rl_pbt.errors import ConfigError
 from rl_pbt.values import first_line
 
@@ -43,24 +43,15 @@ class Target:
 
 def parse_options(args: list[str]) -> tuple[Path, dict[str, Any]]:
     """``PATH key=value ...`` with the keys of ``OPTIONS``."""
-    paths = [a for a in args if "=" not in a]
-    if len(paths) != 1:
-        raise ConfigError("usage: python -m rl_pbt.evaluate RUN_DIR_or_CHECKPOINT "
-                          "[episodes=N] [video=true] [seed=S] [env=ID]")
-    options: dict[str, Any] = {"episodes": 10, "video": False, "seed": 0, "env": None}
-    for arg in (a for a in args if "=" in a):
-        key, _, value = arg.partition("=")
-        if key not in OPTIONS:
-            raise ConfigError(f"{key}: unknown option; choose from {', '.join(OPTIONS)}")
-        try:
-            options[key] = OPTIONS[key](value)
-        except ValueError:
-            raise ConfigError(f"{key}: cannot read {value!r}") from None
+    path, options = parse_path_and_options(
+        args, OPTIONS, {"episodes": 10, "video": False, "seed": 0, "env": None},
+        "python -m rl_pbt.evaluate RUN_DIR_or_CHECKPOINT [episodes=N] [video=true] [seed=S] "
+        "[env=ID]")
     if options["episodes"] < 1:
         raise ConfigError(f"episodes: must be >= 1, got {options['episodes']}")
     if options["seed"] < 0:
         raise ConfigError(f"seed: must be >= 0, got {options['seed']}")
-    return Path(paths[0]), options
+    return path, options
 
 
 def find_target(path: Path, env_override: str | None) -> Target:

@@ -63,6 +63,12 @@ class Tracking:
     def enabled(self) -> bool:
         return self.backend != "none"
 
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The database file of a ``sqlite:///`` store, else None."""
+        uri = self.tracking_uri or ""
+        return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
 
 @dataclass(frozen=True)
 class SchedulerSpec:

@@ -17,24 +17,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from rl_pbt.cli import fail
+from rl_pbt.cli import fail, parse_path_and_options
 from rl_pbt.errors import ConfigError
 
 
 def parse_options(args: list[str]) -> tuple[Path, int]:
     """``RUN_DIR [seeds=N]``."""
-    paths = [a for a in args if "=" not in a]
-    seeds = 3
-    for arg in (a for a in args if "=" in a):
-        key, _, value = arg.partition("=")
-        if key != "seeds":
-            raise ConfigError(f"{key}: unknown option; the only option is seeds=N")
-        if not value.isdigit() or int(value) < 1:
-            raise ConfigError(f"seeds: must be an integer >= 1, got {value!r}")
-        seeds = int(value)
-    if len(paths) != 1:
-        raise ConfigError("usage: python -m rl_pbt.replay RUN_DIR [seeds=N]")
-    return Path(paths[0]), seeds
+    path, options = parse_path_and_options(
+        args, {"seeds": int}, {"seeds": 3}, "python -m rl_pbt.replay RUN_DIR [seeds=N]")
+    if options["seeds"] < 1:
+        raise ConfigError(f"seeds: must be an integer >= 1, got {options['seeds']}")
+    return path, options["seeds"]
 
 
 def load_schedule(run_dir: Path) -> dict[str, Any]:

@@ -52,8 +52,8 @@ def check_reachable(tracking: Tracking, timeout: float = 5.0) -> None:
                 f"tracking.tracking_uri: cannot reach MLflow at {uri} ({reason}); start the "
                 "server, fix the URI, or use tracking=none"
             ) from None
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
+    elif tracking.sqlite_file is not None:
+        folder = tracking.sqlite_file.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise ConfigError(f"tracking.tracking_uri: {folder} is not a writable folder")
 
@@ -116,10 +116,8 @@ class MlflowTracker(Callback):
         found = self.client.get_experiment_by_name(name)
         if found:
             return found.experiment_id
-        uri = self.plan.tracking.tracking_uri or ""
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        database = self.plan.tracking.sqlite_file
+        location = (database.parent / "mlartifacts").as_uri() if database else None
         return self.client.create_experiment(name, artifact_location=location)
 
     def close(
