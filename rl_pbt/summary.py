@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from rl_pbt.analysis.lineage import RunRecords
+from rl_pbt.analysis.lineage import RunRecords, best_of
 from rl_pbt.plan import Plan
 from rl_pbt.stopping import target_reached
 from rl_pbt.values import finite, first_line, short
@@ -55,15 +55,6 @@ def trial_rows(plan: Plan, results: Any, exploits: Mapping[str, int]) -> list[di
     return rows
 
 
-def best_row(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
-    """The trial with the best final score; None when no trial finished an episode."""
-    scored = [r for r in rows if r["return"] is not None]
-    if not scored:
-        return None
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda r: r["return"])
-
-
 def build_summary(
     plan: Plan,
     results: Any,
@@ -79,7 +70,7 @@ def build_summary(
         "metric": plan.stop.metric,
         "mode": plan.stop.mode,
         "target_return": plan.stop.target_return,
-        "best": best_row(rows, plan.stop.mode),
+        "best": best_of(rows, plan.stop.mode),
         "trials": rows,
         "exploits": sum(exploits.values()),
         "wall_time_s": round(wall_time_s, 1),

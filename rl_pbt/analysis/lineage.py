@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_pbt.records import EXPLOITS_FILE, TRIALS_FILE, read_jsonl
+from rl_pbt.values import finite
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,15 @@ class RunRecords:
         for row in sorted(self.rows, key=_time):
             last[row["trial_id"]] = row
         return last
+
+
+def best_of(rows: Sequence[dict[str, Any]], mode: str) -> dict[str, Any] | None:
+    """The row with the best finite ``return``; None when no row has one."""
+    scored = [r for r in rows if finite(r.get("return")) is not None]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda r: r["return"])
 
 
 def _time(row: dict[str, Any]) -> float:

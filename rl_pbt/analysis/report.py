@@ -16,11 +16,11 @@ from typing import Any
 
 import yaml
 
-from rl_pbt.analysis.lineage import RunRecords, Segment, lineage, winning_schedule
+from rl_pbt.analysis.lineage import RunRecords, Segment, best_of, lineage, winning_schedule
 from rl_pbt.analysis.plots import hyperparameters_figure, returns_figure, save_figure
 from rl_pbt.errors import ConfigError
 from rl_pbt.stopping import target_reached
-from rl_pbt.values import finite, short
+from rl_pbt.values import short
 
 EXPERIMENT_FILE = "best_experiment.yaml"
 
@@ -49,13 +49,11 @@ def load_info(run_dir: Path) -> dict[str, Any]:
 
 
 def best_trial(records: RunRecords, mode: str) -> str:
-    """The trial whose final result scores best (as in ``summary.json``)."""
-    finals = records.final_rows().items()
-    scored = {t: finite(r.get("return")) for t, r in finals if finite(r.get("return")) is not None}
-    if not scored:
+    """The trial whose final result scores best (picked as ``summary.json`` picks it)."""
+    best = best_of(list(records.final_rows().values()), mode)
+    if best is None:
         raise ConfigError("no trial reported a return (no episode finished); nothing to report")
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda t: scored[t])
+    return best["trial_id"]
 
 
 def write_report(run_dir: Path) -> Report:
