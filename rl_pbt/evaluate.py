@@ -8,7 +8,6 @@ tracked, to an MLflow run nested under the run's parent.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -18,6 +17,7 @@ from typing import Any
 
 from rl_pbt.cli import fail, parse_path_and_options
 from rl_pbt.errors import ConfigError
+from rl_pbt.records import read_json, write_json
 from rl_pbt.values import first_line
 
 MODULE_PATH = Path("learner_group", "learner", "rl_module", "default_policy")
@@ -61,14 +61,14 @@ def find_target(path: Path, env_override: str | None) -> Target:
     run_dir = path if (path / "run.json").is_file() else _run_dir_above(path)
     checkpoint = path
     if path == run_dir:
-        summary = _read_json(run_dir / "summary.json")
+        summary = read_json(run_dir / "summary.json")
         best = (summary or {}).get("best") or {}
         if not best.get("checkpoint"):
             raise ConfigError(f"{run_dir}: summary.json names no best checkpoint")
         checkpoint = Path(best["checkpoint"])
     if not (checkpoint / MODULE_PATH).is_dir():
         raise ConfigError(f"{checkpoint}: not an RLlib checkpoint (no {MODULE_PATH})")
-    env = ((_read_json(run_dir / "run.json") or {}).get("config") or {}).get("env", {}) \
+    env = ((read_json(run_dir / "run.json") or {}).get("config") or {}).get("env", {}) \
         if run_dir else {}
     env_id = env_override or env.get("id")
     if not env_id:
@@ -84,10 +84,6 @@ def _run_dir_above(path: Path) -> Path | None:
         if (parent / "run.json").is_file():
             return parent
     return None
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_module(checkpoint: Path) -> Any:
@@ -166,14 +162,14 @@ def evaluate(target: Target, episodes: int, video: bool, seed: int) -> dict[str,
         "length_std": statistics.pstdev(lengths), "per_episode": episodes_out,
         "video": str(write_gif(frames, out_dir / "episode.gif")) if frames else None,
     }
-    (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
+    write_json(result, out_dir / "evaluation.json")
     result["mlflow_run_id"] = log_to_mlflow(target, result, out_dir)
     return result
 
 
 def log_to_mlflow(target: Target, result: dict[str, Any], out_dir: Path) -> str | None:
     """A run nested under the tuning run's parent, when the run was tracked."""
-    summary = _read_json(target.run_dir / "summary.json") if target.run_dir else None
+    summary = read_json(target.run_dir / "summary.json") if target.run_dir else None
     tracking = (summary or {}).get("tracking")
     if not tracking:
         return None

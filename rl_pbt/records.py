@@ -87,6 +87,19 @@ class RunRecorder(Callback):
         self.pending.clear()
 
 
+def write_json(data: Any, path: Path) -> Path:
+    """Write JSON atomically, so a reader never sees half of it."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+    return path
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of the run folder, or None when it does not exist."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Read a JSON-lines file written by :class:`RunRecorder` (missing file: no rows)."""
     if not path.exists():

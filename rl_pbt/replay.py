@@ -8,7 +8,6 @@ check. The runs are logged to MLflow under the original run's parent.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 
 from rl_pbt.cli import fail, parse_path_and_options
 from rl_pbt.errors import ConfigError
+from rl_pbt.records import read_json, write_json
 
 
 def parse_options(args: list[str]) -> tuple[Path, int]:
@@ -38,7 +38,7 @@ def load_schedule(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "best_schedule.json"
     if not path.is_file():
         write_report(run_dir)
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def replay_plan(run_dir: Path, schedule: dict[str, Any], seeds: int) -> Any:
@@ -71,10 +71,10 @@ def replay_plan(run_dir: Path, schedule: dict[str, Any], seeds: int) -> Any:
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
     """``summary.json``: a run that was killed before it finished has none."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
+    summary = read_json(run_dir / "summary.json")
+    if summary is None:
         raise ConfigError(f"{run_dir}: no summary.json (the run did not finish); nothing to replay")
-    return json.loads(path.read_text())
+    return summary
 
 
 def _final_iteration(run_dir: Path, schedule: dict[str, Any]) -> int:
@@ -110,7 +110,7 @@ def replay(run_dir: Path, seeds: int) -> dict[str, Any]:
         "replay_return_std": statistics.pstdev(returns) if returns else None,
         "replay_dir": str(plan.output_dir),
     }
-    (plan.output_dir / "replay.json").write_text(json.dumps(out, indent=2))
+    write_json(out, plan.output_dir / "replay.json")
     return out
 
 

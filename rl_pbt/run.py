@@ -7,7 +7,9 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,11 @@ from rl_pbt.analysis.report import Report, write_report
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import Plan
 from rl_pbt.progress import ProgressPrinter
-from rl_pbt.records import RunRecorder
+from rl_pbt.records import RunRecorder, write_json
 from rl_pbt.resolve import resolve
 from rl_pbt.schedulers import Scheduler, build_scheduler
 from rl_pbt.stopping import PlanStopper
-from rl_pbt.summary import build_summary, format_summary, run_info, write_json, write_summary
+from rl_pbt.summary import build_summary, format_summary, run_info, write_summary
 from rl_pbt.tracking import MlflowTracker, check_reachable, ui_command
 from rl_pbt.trainable import pbt_trainable
 
@@ -38,8 +40,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
         output_dir: where everything is written; default: Hydra's output folder.
     """
     info = hydra_info(output_dir)
-    plan = resolve(cfg, info["output_dir"], info["choices"])
-    plan = _with_command(plan, info["command"])
+    plan = replace(resolve(cfg, info["output_dir"], info["choices"]), command=info["command"])
     return execute(plan, info["tags"])
 
 
@@ -64,12 +65,6 @@ def hydra_info(output_dir: Path | None) -> dict[str, Any]:
         info["tags"] = {"rl_pbt.sweep": str(Path(hc.sweep.dir).resolve()),
                         "rl_pbt.sweep_job": str(hc.job.num)}
     return info
-
-
-def _with_command(plan: Plan, command: str) -> Plan:
-    from dataclasses import replace
-
-    return replace(plan, command=command)
 
 
 def execute(plan: Plan, tags: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -97,9 +92,7 @@ def execute(plan: Plan, tags: Mapping[str, str] | None = None) -> dict[str, Any]
     callbacks = [recorder, progress, *([tracker] if tracker else [])]
     try:
         results = make_tuner(plan, scheduler, callbacks).fit()
-        exploits: dict[str, int] = {}
-        for event in scheduler.events:
-            exploits[event.trial_id] = exploits.get(event.trial_id, 0) + 1
+        exploits = Counter(event.trial_id for event in scheduler.events)
         summary = build_summary(plan, results, exploits, time.monotonic() - started,
                                 fit.report(), tracking)
         write_summary(summary, plan.output_dir)

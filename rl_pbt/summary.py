@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +11,7 @@ import yaml
 
 from rl_pbt.analysis.lineage import RunRecords, best_of
 from rl_pbt.plan import Plan
+from rl_pbt.records import write_json
 from rl_pbt.stopping import target_reached
 from rl_pbt.values import finite, first_line, short
 
@@ -79,14 +79,6 @@ def build_summary(
         "tracking": dict(tracking) if tracking else None,
         "seed": plan.seed,
     }
-
-
-def write_json(data: Any, path: Path) -> Path:
-    """Write JSON atomically, so a reader never sees half of it."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
-    return path
 
 
 def write_summary(summary: Mapping[str, Any], output_dir: Path) -> Path:

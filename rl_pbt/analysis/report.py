@@ -6,7 +6,6 @@ at the end of a tuning run or later with ``python -m rl_pbt.report RUN_DIR``.
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,7 @@ import yaml
 from rl_pbt.analysis.lineage import RunRecords, Segment, best_of, lineage, winning_schedule
 from rl_pbt.analysis.plots import hyperparameters_figure, returns_figure, save_figure
 from rl_pbt.errors import ConfigError
+from rl_pbt.records import read_json, write_json
 from rl_pbt.stopping import target_reached
 from rl_pbt.values import short
 
@@ -42,10 +42,10 @@ class Report:
 
 def load_info(run_dir: Path) -> dict[str, Any]:
     """``run.json`` of a run folder; a folder without one is not an rl_pbt run."""
-    path = run_dir / "run.json"
-    if not path.is_file():
+    info = read_json(run_dir / "run.json")
+    if info is None:
         raise ConfigError(f"{run_dir}: not an rl_pbt run folder (no run.json)")
-    return json.loads(path.read_text())
+    return info
 
 
 def best_trial(records: RunRecords, mode: str) -> str:
@@ -64,12 +64,11 @@ def write_report(run_dir: Path) -> Report:
     segments = lineage(records, best)
     schedule = winning_schedule(segments)
     final = records.final_rows()[best]
-    schedule_json = run_dir / "best_schedule.json"
-    schedule_json.write_text(json.dumps({
+    schedule_json = write_json({
         "trial_id": best, "return": final["return"], "env_steps": final["env_steps"],
         "final_hyperparameters": final["hyperparameters"], "schedule": schedule,
         "lineage": [asdict(s) for s in segments],
-    }, indent=2))
+    }, run_dir / "best_schedule.json")
     report = Report(
         returns_png=save_figure(returns_figure(records, segments, info),
                                 run_dir / "returns.png"),
