@@ -17,7 +17,9 @@ pytestmark = pytest.mark.slow
 def pbt_run(ray_session, mlflow_server, tmp_path_factory):
     """Run the tiny experiment once for every test in this module."""
     out = tmp_path_factory.mktemp("pbt_run")
-    cfg = compose_config([*TINY, "seed=7", f"tracking.tracking_uri={mlflow_server}",
+    # synch: every perturbation exploits (asynchronous PBT can make none in 8 iterations).
+    cfg = compose_config([*TINY, "seed=7", "scheduler.synch=true",
+                          f"tracking.tracking_uri={mlflow_server}",
                           "tracking.experiment_name=test_pbt"])
     plan = resolve(cfg, out, choices={"env": "cartpole", "mutations": "narrow"}, launch_dir=out)
     summary = execute(plan, {"rl_pbt.test": "pbt"})
