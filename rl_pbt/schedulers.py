@@ -1,20 +1,24 @@
 """Trial schedulers built from the plan, and the exploit events they report.
 
-Ray's ``PopulationBasedTraining`` logs exploits to text files only; tracking needs them as they
-happen (which trial cloned which, at which iteration, old -> new values), so the subclass here
-tells its listeners at every exploit.
+Ray's ``PopulationBasedTraining`` and ``PB2`` log exploits to text files only; tracking needs them
+as they happen (which trial cloned which, at which iteration, old -> new values), so the
+subclasses here tell their listeners at every exploit. Schedulers that never exploit (FIFO,
+random search, ASHA) carry the same, always empty, listener list, so ``run`` treats all alike.
 """
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, PopulationBasedTraining
 
+from rl_pbt.distributions import Distribution
 from rl_pbt.explore import Explore
 from rl_pbt.plan import Plan
 
@@ -32,13 +36,26 @@ class ExploitEvent:
     wall_time: float
 
 
-class RecordingPBT(PopulationBasedTraining):
-    """``PopulationBasedTraining`` that reports every exploit to its listeners."""
+class ExploitListeners:
+    """Mixin for any scheduler: the listeners that hear of exploits and the events so far."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.listeners: list[Callable[[ExploitEvent], None]] = []
         self.events: list[ExploitEvent] = []
+
+    def report(self, event: ExploitEvent) -> None:
+        """Keep the event and tell every listener."""
+        self.events.append(event)
+        for listener in self.listeners:
+            listener(event)
+
+
+class RecordingExploits(ExploitListeners):
+    """Mixin for ``PopulationBasedTraining`` and its subclasses: report every ``_exploit``."""
+
+    _hyperparam_mutations: dict[str, Any]
+    _trial_state: dict[Trial, Any]
 
     def _exploit(self, tune_controller: Any, trial: Trial, trial_to_clone: Trial) -> None:
         keys = list(self._hyperparam_mutations)
@@ -48,8 +65,8 @@ class RecordingPBT(PopulationBasedTraining):
         iteration = (self._trial_state[trial].last_result or {}).get("training_iteration", 0)
         source_iteration = (self._trial_state[trial_to_clone].last_result or {}).get(
             "training_iteration", 0)
-        super()._exploit(tune_controller, trial, trial_to_clone)
-        event = ExploitEvent(
+        super()._exploit(tune_controller, trial, trial_to_clone)  # type: ignore[misc]
+        self.report(ExploitEvent(
             trial_id=trial.trial_id,
             source_id=trial_to_clone.trial_id,
             iteration=int(iteration),
@@ -57,19 +74,89 @@ class RecordingPBT(PopulationBasedTraining):
             old=old,
             new={k: trial.config.get(k) for k in keys},
             wall_time=time.time(),
-        )
-        self.events.append(event)
-        for listener in self.listeners:
-            listener(event)
+        ))
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        """Ray's synchronous PBT, with the next perturbation always ahead of every trial.
+
+        After a perturbation round Ray sets the next one to ``max(next + interval, latest
+        time)``. A resumed run starts a fresh scheduler (next = one interval) with trials far
+        beyond it, so the next round lands on the trials' own time: none is behind it, none is
+        chosen to run, and the run hangs (Ray PR #48616, not merged). Move it one interval on.
+        """
+        synch = getattr(self, "_synch", False)
+        before = getattr(self, "_next_perturbation_sync", None)
+        decision = super().on_trial_result(tune_controller, trial, result)  # type: ignore[misc]
+        if synch and self._next_perturbation_sync != before:
+            latest = max(state.last_train_time for state in self._trial_state.values())
+            if self._next_perturbation_sync <= latest:
+                self._next_perturbation_sync = latest + self._perturbation_interval
+        return decision
 
 
-class PlainFIFO(FIFOScheduler):
-    """Every trial trains with its own fixed config (no exploits): a baseline, or one agent."""
+class RecordingPBT(RecordingExploits, PopulationBasedTraining):
+    """``PopulationBasedTraining`` that reports every exploit to its listeners."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.listeners: list[Callable[[ExploitEvent], None]] = []
-        self.events: list[ExploitEvent] = []
+
+class RecordingASHA(ExploitListeners, AsyncHyperBandScheduler):
+    """ASHA: trials keep their first draw; the worse ones stop early at each rung."""
+
+
+def pb2_bounds(mutations: Mapping[str, Distribution]) -> dict[str, list[float]]:
+    """``PB2(hyperparam_bounds=...)`` from the mutation distributions.
+
+    PB2 casts its continuous pick back with the type of the cloned value, so an integer key is
+    truncated: with bounds ``[low, high]`` only an exact ``high`` would ever give ``high``. One
+    more unit on top gives every integer an equal share of the range; the explore step clamps
+    ``high + 1`` back to ``high``.
+    """
+    return {key: [dist.low, dist.high + 1 if dist.integer else dist.high]
+            for key, dist in mutations.items()}
+
+
+def restore_dropped(original: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Put back the keys PB2's flatten/unflatten round trip loses (empty dicts, as env_config).
+
+    Args:
+        original: the cloned trial's config.
+        new: the config PB2 made from its flattened copy.
+    """
+    for key, value in original.items():
+        if key not in new:
+            new[key] = copy.deepcopy(value)
+        elif isinstance(value, Mapping) and isinstance(new[key], dict):
+            restore_dropped(value, new[key])
+    return new
+
+
+@cache
+def recording_pb2() -> type:
+    """The PB2 class, defined on first use: importing PB2 imports scikit-learn (1-2 s), which
+    runs with another scheduler should not wait for."""
+    from ray.tune.schedulers.pb2 import PB2
+
+    class RecordingPB2(RecordingExploits, PB2):
+        """``PB2`` that reports every exploit and keeps every config key of the clone."""
+
+        def _get_new_config(self, trial: Trial, trial_to_clone: Trial) -> tuple[dict, dict]:
+            new_config, operations = super()._get_new_config(trial, trial_to_clone)
+            return restore_dropped(trial_to_clone.config, new_config), operations
+
+    # Importable as rl_pbt.schedulers.RecordingPB2 (see __getattr__), so pickle finds it.
+    RecordingPB2.__module__, RecordingPB2.__qualname__ = __name__, "RecordingPB2"
+    return RecordingPB2
+
+
+def __getattr__(name: str) -> Any:
+    """``rl_pbt.schedulers.RecordingPB2`` is :func:`recording_pb2`'s class."""
+    if name == "RecordingPB2":
+        return recording_pb2()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class PlainFIFO(ExploitListeners, FIFOScheduler):
+    """Every trial trains with its own fixed config (no exploits): a baseline, one agent, or
+    random search (each trial's config drawn once from the mutations)."""
 
 
 class ScheduleReplay(PlainFIFO):
@@ -98,22 +185,28 @@ class ScheduleReplay(PlainFIFO):
         return self.NOOP
 
 
-Scheduler = RecordingPBT | PlainFIFO
+#: What ``run`` needs of any scheduler built here: exploit listeners and events.
+Scheduler = ExploitListeners
 
 
 def build_scheduler(plan: Plan) -> Scheduler:
-    """Make the plan's scheduler: PBT with the safe explore step, or plain FIFO."""
-    if plan.scheduler.name == "fifo":
+    """Make the plan's scheduler: PBT or PB2 with the safe explore step, ASHA, or plain FIFO."""
+    name, options = plan.scheduler.name, dict(plan.scheduler.options)
+    if name in ("fifo", "random"):
         return PlainFIFO()
-    if plan.scheduler.name == "replay":
-        return ScheduleReplay(plan.scheduler.options["changes"])
-    options = dict(plan.scheduler.options)
-    return RecordingPBT(
-        metric=plan.stop.metric,
-        mode=plan.stop.mode,
-        hyperparam_mutations={k: d.for_pbt() for k, d in plan.mutations.items()},
-        custom_explore_fn=Explore(plan.mutations, plan.algorithm.invariants),
+    if name == "replay":
+        return ScheduleReplay(options["changes"])
+    if name == "asha":
+        return RecordingASHA(metric=plan.stop.metric, mode=plan.stop.mode, **options)
+    common = {
+        "metric": plan.stop.metric,
+        "mode": plan.stop.mode,
+        "custom_explore_fn": Explore(plan.mutations, plan.algorithm.invariants),
         # Until a trial finishes its first episode it has no return: PBT then waits for it.
-        require_attrs=False,
+        "require_attrs": False,
         **options,
-    )
+    }
+    if name == "pb2":
+        return recording_pb2()(hyperparam_bounds=pb2_bounds(plan.mutations), **common)
+    return RecordingPBT(
+        hyperparam_mutations={k: d.for_pbt() for k, d in plan.mutations.items()}, **common)

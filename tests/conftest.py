@@ -40,6 +40,18 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
         return compose("config", overrides=overrides or [])
 
 
+def config_error(overrides: list[str], tmp_path: Path) -> str:
+    """The ConfigError a config is rejected with; it must be one line."""
+    from rl_pbt.errors import ConfigError
+    from rl_pbt.resolve import resolve
+
+    with pytest.raises(ConfigError) as caught:
+        resolve(compose_config(overrides), tmp_path, launch_dir=tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """One local Ray instance for every test that trains in-process."""

@@ -1,0 +1,358 @@
+"""Other schedulers to compare PBT with: PB2, ASHA and random search.
+
+Resolution (options, PB2's numeric ranges), PB2's explore kept valid (integers, bounds), a tiny
+PB2 and random-search run in the session's Ray, and ``scripts/compare_schedulers.py`` on MLflow
+runs with known values.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT, TINY, compose_config, config_error
+from ray.tune.search.sample import Domain
+
+from rl_pbt import resolve as resolve_module
+from rl_pbt.algorithms import ppo_invariants
+from rl_pbt.distributions import LogRandInt, LogUniform, RandInt, Uniform
+from rl_pbt.errors import ConfigError
+from rl_pbt.explore import Explore
+from rl_pbt.records import EXPLOITS_FILE, TRIALS_FILE, read_jsonl
+from rl_pbt.resolve import resolve
+from rl_pbt.schedulers import (
+    PlainFIFO,
+    RecordingASHA,
+    RecordingPB2,
+    build_scheduler,
+    pb2_bounds,
+    restore_dropped,
+)
+
+#: PB2's Gaussian process, fitted on the few points of a tiny run, warns that it barely converged.
+pytestmark = [pytest.mark.filterwarnings("ignore:The optimal value found"),
+              pytest.mark.filterwarnings("ignore:lbfgs failed to converge")]
+
+
+def plan_for(overrides: list[str], tmp_path: Path):
+    return resolve(compose_config(overrides), tmp_path, launch_dir=tmp_path)
+
+
+def load_compare_script():
+    """``scripts/compare_schedulers.py`` as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "compare_schedulers", ROOT / "scripts" / "compare_schedulers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- resolution -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["scheduler=asha", "scheduler.grace_period=60"],
+         "scheduler.grace_period: must be <= scheduler.max_t (50), got 60"),
+        (["scheduler=asha", "scheduler.reduction_factor=1"],
+         "scheduler.reduction_factor: must be a number in (1, inf), got 1"),
+        (["scheduler=asha", "scheduler.max_t=0"], "scheduler.max_t: must be a number in (0, inf)"),
+        (["scheduler=asha", "stopper.max_iterations=null"],
+         "scheduler.max_t: must be a number in (0, inf), got None"),
+        (["scheduler=asha", "scheduler.grace_period=-1"],
+         "scheduler.grace_period: must be a number in (0, inf), got -1"),
+        (["scheduler=asha", "scheduler.time_attr=episodes"],
+         "scheduler.time_attr: unknown 'episodes'; choose from training_iteration"),
+        (["scheduler=asha", "+scheduler.max_tt=5"],
+         "scheduler.max_tt: not an ASHA option; did you mean 'max_t'? known: time_attr, max_t, "
+         "grace_period, reduction_factor"),
+        (["scheduler=random", "+scheduler.synch=true"],
+         "scheduler.synch: not a random search option; it takes none"),
+        (["scheduler=pb2", "+scheduler.resample_probability=0.3"],
+         "scheduler.resample_probability: not a PB2 option; known: time_attr, "
+         "perturbation_interval, quantile_fraction, log_config, synch"),
+        (["scheduler=pb2", "scheduler.quantile_fraction=0.6"],
+         "scheduler.quantile_fraction: must be a number in (0, 0.5], got 0.6"),
+        (["scheduler=pb2", "scheduler.synch=maybe"], "scheduler.synch: must be true or false"),
+        (["scheduler=pb2", "population=1"], "population: PB2 needs at least 2 trials, got 1"),
+        (["scheduler=pb2", "mutations=seed"],
+         "mutations.hyperparams.lr: scheduler=pb2 needs numeric ranges (Uniform, LogUniform, "
+         "RandInt, LogRandInt), got a Grid; use scheduler=pbt for lists and choices"),
+        (["scheduler=pb2",
+          "+mutations.hyperparams.entropy_coeff={_target_:rl_pbt.distributions.Choice,"
+          "values:[0.0,0.01]}"],
+         "mutations.hyperparams.entropy_coeff: scheduler=pb2 needs numeric ranges (Uniform, "
+         "LogUniform, RandInt, LogRandInt), got a Choice"),
+        (["scheduler.name=hyperband"],
+         "scheduler.name: unknown 'hyperband'; known: pbt, pb2, asha, random, fifo"),
+    ],
+)
+def test_bad_scheduler_input_is_one_config_error(overrides, message, tmp_path):
+    assert message in config_error(overrides, tmp_path)
+
+
+def test_pb2_without_scikit_learn_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(resolve_module, "PB2_MODULES", {"no_such_module_rl_pbt": "scikit-learn"})
+    with pytest.raises(ConfigError) as caught:
+        plan_for(["scheduler=pb2"], tmp_path)
+    assert str(caught.value) == 'scheduler=pb2 needs scikit-learn: pip install -e ".[pb2]"'
+
+
+@pytest.mark.parametrize("name", ["random", "asha"])
+def test_random_and_asha_draw_every_mutated_key_even_from_start_config(name, tmp_path):
+    """With ``start: config`` fifo keeps algorithm.config's lr; random search draws it."""
+    fifo = plan_for(["scheduler=fifo", "mutations.start=config"], tmp_path)
+    assert fifo.param_space["lr"] == 3e-4
+    plan = plan_for([f"scheduler={name}", "mutations.start=config"], tmp_path)
+    for key in plan.mutations:
+        assert isinstance(plan.param_space[key], Domain), key
+
+
+def test_asha_options_reach_the_scheduler(tmp_path):
+    plan = plan_for(["scheduler=asha", "stopper.max_iterations=20", "scheduler.grace_period=2",
+                     "scheduler.reduction_factor=3"], tmp_path)
+    assert plan.scheduler.options == {"time_attr": "training_iteration", "max_t": 20,
+                                      "grace_period": 2, "reduction_factor": 3}
+    scheduler = build_scheduler(plan)
+    assert isinstance(scheduler, RecordingASHA)
+    assert (scheduler._max_t, scheduler._metric, scheduler._time_attr) == (
+        20, "env_runners/episode_return_mean", "training_iteration")
+    assert [rung for rung, _ in scheduler._brackets[0]._rungs] == [18, 6, 2]
+    assert scheduler.listeners == [] and scheduler.events == []
+
+
+def test_random_is_plain_fifo_and_pb2_gets_bounds(tmp_path):
+    assert type(build_scheduler(plan_for(["scheduler=random"], tmp_path))) is PlainFIFO
+    pb2 = build_scheduler(plan_for(["scheduler=pb2", "scheduler.synch=true"], tmp_path))
+    assert isinstance(pb2, RecordingPB2)
+    assert pb2._hyperparam_bounds == {"lr": [1e-4, 1e-3], "clip_param": [0.1, 0.3],
+                                      "lambda": [0.9, 1.0], "num_epochs": [3, 11]}
+    assert pb2._synch is True and pb2._require_attrs is False
+
+
+# -- PB2's explore step -----------------------------------------------------------------------
+MUTATIONS = {"num_epochs": RandInt(1, 3), "lr": LogUniform(1e-4, 1e-3),
+             "minibatch_size": LogRandInt(64, 1000), "clip_param": Uniform(0.1, 0.3)}
+
+
+def test_pb2_bounds_give_integers_one_more_unit():
+    assert pb2_bounds(MUTATIONS) == {"num_epochs": [1, 4], "lr": [1e-4, 1e-3],
+                                     "minibatch_size": [64, 1001], "clip_param": [0.1, 0.3]}
+
+
+@pytest.mark.parametrize(
+    ("picked", "expected"),
+    [
+        # What PB2 returned in this file's GP test: the top of each box, in float32.
+        ({"num_epochs": 4, "lr": 0.0010000000474974513, "minibatch_size": 1001,
+          "clip_param": 0.30000001192092896},
+         {"num_epochs": 3, "lr": 1e-3, "minibatch_size": 400, "clip_param": 0.3}),
+        # A clone whose integer key held a float: PB2 keeps the float; rounded here.
+        ({"num_epochs": 2.6, "lr": np.float32(2.5e-4), "minibatch_size": np.float32(99.4),
+          "clip_param": 0.05},
+         {"num_epochs": 3, "lr": float(np.float32(2.5e-4)), "minibatch_size": 99,
+          "clip_param": 0.1}),
+    ],
+)
+def test_explore_casts_and_clamps_what_pb2_picked(picked, expected):
+    config = Explore(MUTATIONS, ppo_invariants)({**picked, "train_batch_size_per_learner": 400})
+    assert config == {**expected, "train_batch_size_per_learner": 400}
+    for key in ("num_epochs", "minibatch_size", "train_batch_size_per_learner"):
+        assert type(config[key]) is int, key
+    assert type(config["lr"]) is float
+
+
+def test_pb2_gp_pick_is_made_valid():
+    """Ray's own PB2 step on known data: its pick leaves the box (float32, high + 1) and the
+    explore step brings it back, integers as ints."""
+    from ray.tune.schedulers.pb2 import _explore
+
+    rows = [[f"t{i}", time, epochs, lr, time * (1 + epochs) * lr * 1000]
+            for i, (epochs, lr) in enumerate([(1, 1e-4), (3, 1e-3), (2, 5e-4), (1, 8e-4)])
+            for time in (2, 4, 6)]
+    data = pd.DataFrame(rows, columns=["Trial", "Time", "num_epochs", "lr", "Reward"])
+    table = {"num_epochs": MUTATIONS["num_epochs"], "lr": MUTATIONS["lr"]}
+    np.random.seed(0)
+    clone = {"num_epochs": 3, "lr": 1e-3, "train_batch_size_per_learner": 400,
+             "minibatch_size": 100}
+    picked, _ = _explore(data, pb2_bounds(table), None, "t1", "t0", dict(clone))
+    config = Explore(table, ppo_invariants)(dict(picked))
+    assert type(config["num_epochs"]) is int and 1 <= config["num_epochs"] <= 3
+    assert 1e-4 <= config["lr"] <= 1e-3
+    assert config["minibatch_size"] == 100
+
+
+def test_restore_dropped_puts_back_empty_dicts_pb2_flattening_loses():
+    original = {"lr": 1e-3, "env_config": {}, "_model_config": {"fcnet_hiddens": [64], "x": {}}}
+    new = {"lr": 5e-4, "_model_config": {"fcnet_hiddens": [64]}}
+    assert restore_dropped(original, new) == {
+        "lr": 5e-4, "env_config": {}, "_model_config": {"fcnet_hiddens": [64], "x": {}}}
+
+
+# -- compare_schedulers.py on hand-logged runs -------------------------------------------------
+def _parent(client, experiment, sweep, job, scheduler, start_ms, end_ms, status="FINISHED"):
+    tags = {"rl_pbt.sweep": sweep, "rl_pbt.sweep_job": str(job), "rl_pbt.scheduler": scheduler,
+            "rl_pbt.env": "cartpole", "mlflow.runName": "PPO-CartPole-v1"}
+    run_id = client.create_run(experiment, start_time=start_ms, tags=tags).info.run_id
+    return run_id, lambda: client.set_terminated(run_id, status, end_time=end_ms)
+
+
+def _child(client, experiment, parent_id, returns):
+    """A trial's run with ``episode_return_mean`` at (timestamp ms, value) points."""
+    run_id = client.create_run(experiment, tags={"mlflow.parentRunId": parent_id}).info.run_id
+    for step, (stamp, value) in enumerate(returns, start=1):
+        client.log_metric(run_id, "episode_return_mean", value, timestamp=stamp, step=step)
+
+
+def _finish(client, run_id, best_return, env_steps, end):
+    client.log_metric(run_id, "best_return", best_return)
+    client.log_metric(run_id, "best_env_steps", env_steps)
+    client.log_dict(run_id, {"metric": "env_runners/episode_return_mean", "mode": "max",
+                             "target_return": 450.0}, "summary.json")
+    end()
+
+
+def test_compare_tabulates_the_latest_sweep_from_logged_values(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("rl_pbt", artifact_location=(tmp_path / "a").as_uri())
+    old_sweep, sweep = str(tmp_path / "old"), tmp_path / "sweep"
+    sweep.mkdir()
+    old, end = _parent(client, experiment, old_sweep, 0, "pbt", 100_000, 200_000)
+    _finish(client, old, 10.0, 1, end)
+    # job 1 (pb2) first: rows come in job order, not creation order
+    _, end = _parent(client, experiment, str(sweep), 1, "pb2", 3_000_000, 3_050_000, "KILLED")
+    end()
+    pbt, end = _parent(client, experiment, str(sweep), 0, "pbt", 1_000_000, 1_100_500)
+    _child(client, experiment, pbt, [(1_010_000, 100.0), (1_042_000, 460.0)])
+    _child(client, experiment, pbt, [(1_030_000, 300.0), (1_050_000, 470.0)])
+    _finish(client, pbt, 470.04, 12345, end)
+    rnd, end = _parent(client, experiment, str(sweep), 2, "random", 2_000_000, 2_200_000)
+    _child(client, experiment, rnd, [(2_010_000, 300.0), (2_100_000, 449.9)])
+    _finish(client, rnd, 449.9, 20000, end)
+
+    table, _, paths = load_compare_script().compare(uri)
+
+    assert table == (
+        f"Sweep `{sweep}`\n\n"
+        "| job | scheduler | env | best return | time to target, s | env steps (best trial) "
+        "| wall time, s | status |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "| 0 | pbt | cartpole | 470.0 | 42.0 | 12345 | 100.5 | FINISHED |\n"
+        "| 1 | pb2 | cartpole | n/a | unknown | n/a | 50.0 | KILLED |\n"
+        "| 2 | random | cartpole | 449.9 | not reached | 20000 | 200.0 | FINISHED |\n")
+    assert paths == [sweep / "compare_schedulers.md", sweep / "compare_schedulers.csv"]
+    assert paths[0].read_text() == table
+    csv_lines = paths[1].read_text().splitlines()
+    assert csv_lines[0] == ('job,scheduler,env,best return,"time to target, s",'
+                            'env steps (best trial),"wall time, s",status')
+    assert csv_lines[1:] == ["0,pbt,cartpole,470.0,42.0,12345,100.5,FINISHED",
+                             "1,pb2,cartpole,n/a,unknown,n/a,50.0,KILLED",
+                             "2,random,cartpole,449.9,not reached,20000,200.0,FINISHED"]
+    _, old_rows, old_paths = load_compare_script().compare(uri, old_sweep, tmp_path / "out")
+    assert [r["scheduler"] for r in old_rows] == ["pbt"]
+    assert old_paths[0] == tmp_path / "out" / "compare_schedulers.md"
+
+
+def test_compare_without_a_sweep_is_one_line(tmp_path):
+    with pytest.raises(SystemExit) as caught:
+        load_compare_script().compare(f"sqlite:///{tmp_path}/mlflow.db")
+    assert "no run in" in str(caught.value) and "rl_pbt.sweep" in str(caught.value)
+
+
+# -- tiny runs in the session's Ray -----------------------------------------------------------
+#: TINY without PBT's knobs and the population, which each run below sets itself.
+BASE = [o for o in TINY if not o.startswith(("scheduler.", "population="))]
+RUNS = {
+    # synch: every perturbation exploits; PB2 can only pick new values once the clone has two
+    # results with the same values, so 8 iterations (perturbations at 2, 4, 6).
+    "pb2": ["scheduler=pb2", "population=4", "scheduler.synch=true",
+            "scheduler.quantile_fraction=0.5", "scheduler.perturbation_interval=2", "seed=11"],
+    "random": ["scheduler=random", "population=3", "stopper.max_iterations=3", "seed=5"],
+}
+
+
+@pytest.fixture(scope="module")
+def sweep_runs(ray_session, tmp_path_factory):
+    """A pb2 and a random run, tagged as jobs 0 and 1 of one sweep, in one SQLite store."""
+    from rl_pbt.run import execute
+
+    out = tmp_path_factory.mktemp("schedulers")
+    sweep = out / "sweep"
+    uri = f"sqlite:///{out}/mlflow.db"
+    runs = {}
+    for job, (name, overrides) in enumerate(RUNS.items()):
+        cfg = compose_config([*BASE, *overrides, f"tracking.tracking_uri={uri}"])
+        plan = resolve(cfg, sweep / str(job), choices={"env": "cartpole", "scheduler": name},
+                       launch_dir=out)
+        summary = execute(plan, {"rl_pbt.sweep": str(sweep), "rl_pbt.sweep_job": str(job)})
+        runs[name] = (plan, summary)
+    return uri, sweep, runs
+
+
+@pytest.mark.slow
+def test_random_trials_draw_different_values_and_never_exploit(sweep_runs):
+    _, _, runs = sweep_runs
+    plan, summary = runs["random"]
+    rows = read_jsonl(plan.output_dir / TRIALS_FILE)
+    assert len({r["trial_id"] for r in rows}) == 3
+    assert summary["exploits"] == 0 and not read_jsonl(plan.output_dir / EXPLOITS_FILE)
+    first = {}
+    for row in rows:  # each trial keeps its draw
+        assert first.setdefault(row["trial_id"], row["hyperparameters"]) == row["hyperparameters"]
+    for key in plan.mutations:
+        if key != "num_epochs":  # 3 draws of an int in [1, 3] may repeat
+            assert len({h[key] for h in first.values()}) == 3, key
+
+
+def _clone_values(rows, event):
+    """The hyperparameters the cloned trial trained with up to its checkpoint."""
+    before = [r for r in rows if r["trial_id"] == event["source_id"]
+              and r["training_iteration"] == event["source_iteration"]
+              and r["recorded_at"] <= event["wall_time"]]
+    return before[-1]["hyperparameters"]
+
+
+@pytest.mark.slow
+def test_pb2_exploits_change_values_and_keep_integers(sweep_runs):
+    from mlflow.tracking import MlflowClient
+
+    uri, _, runs = sweep_runs
+    plan, summary = runs["pb2"]
+    events = read_jsonl(plan.output_dir / EXPLOITS_FILE)
+    rows = read_jsonl(plan.output_dir / TRIALS_FILE)
+    assert summary["exploits"] == len(events) >= 1
+    # Until the clone has two results with the same values PB2 copies its values; after that
+    # its Gaussian process picks new ones.
+    picked = [e for e in events if e["new"] != _clone_values(rows, e)]
+    assert picked
+    for event in events:
+        assert type(event["new"]["num_epochs"]) is int and 1 <= event["new"]["num_epochs"] <= 3
+        for key, dist in plan.mutations.items():
+            assert dist.low <= event["new"][key] <= dist.high, key
+    for row in rows:
+        assert type(row["hyperparameters"]["num_epochs"]) is int
+    client = MlflowClient(uri)
+    children = client.search_runs(
+        [client.get_run(summary["tracking"]["parent_run_id"]).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{summary['tracking']['parent_run_id']}'")
+    tags = [k for c in children for k in c.data.tags if k.startswith("rl_pbt.exploit.")]
+    assert len(tags) == len(events)  # the MLflow listener heard every exploit
+
+
+@pytest.mark.slow
+def test_compare_script_on_the_tiny_sweep(sweep_runs):
+    uri, sweep, runs = sweep_runs
+    table, rows, paths = load_compare_script().compare(uri)
+    assert [(r["job"], r["scheduler"], r["env"]) for r in rows] == [
+        ("0", "pb2", "cartpole"), ("1", "random", "cartpole")]
+    for row, (_, summary) in zip(rows, runs.values(), strict=True):
+        assert row["best return"] == f"{summary['best']['return']:.1f}"
+        assert row["env steps (best trial)"] == str(round(summary["best"]["env_steps"]))
+        assert float(row["wall time, s"]) > 0
+        assert row["time to target, s"] == "not reached" or float(row["time to target, s"]) > 0
+    assert paths[0].parent == sweep and paths[0].read_text() == table
