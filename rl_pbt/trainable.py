@@ -23,6 +23,8 @@ import hashlib
 from functools import cache
 from typing import Any
 
+import ray
+
 from rl_pbt.algorithms import import_object
 
 PROBE = "rl_pbt"
@@ -81,6 +83,7 @@ class PBTReady:
             "digest_start": start,
             "digest_end": _digest(learner) if learner is not None else None,
             "restored": self._restored_from is not None,
+            "node_id": ray.get_runtime_context().get_node_id(),  # where it ran, on a cluster
         }
         self._restored_from = None
         return result
