@@ -7,6 +7,7 @@ in one :class:`~rl_pbt.errors.ConfigError` and nothing half-written.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,20 +20,32 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from rl_pbt.algorithms import AlgorithmSpec, algorithm_spec, import_object, translate_keys
-from rl_pbt.distributions import Distribution, as_distribution
+from rl_pbt.distributions import Choice, Distribution, as_distribution
 from rl_pbt.envs import make_from_entry_point
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import EnvSpec, Plan, Resources, SchedulerSpec, StopRule, Tracking
 from rl_pbt.values import finite, first_line
 
 GROUPS = ("env", "algorithm", "mutations", "scheduler", "stopper", "resources", "tracking")
-SCHEDULERS = ("pbt", "fifo")
+SCHEDULERS = ("pbt", "pb2", "asha", "random", "fifo")
 PBT_OPTIONS = ("time_attr", "perturbation_interval", "burn_in_period", "quantile_fraction",
                "resample_probability", "perturbation_factors", "log_config", "synch")
+#: What ``ray.tune.schedulers.pb2.PB2`` takes of PBT's knobs (it picks values, never resamples).
+PB2_OPTIONS = ("time_attr", "perturbation_interval", "quantile_fraction", "log_config", "synch")
+ASHA_OPTIONS = ("time_attr", "max_t", "grace_period", "reduction_factor")
+#: Each scheduler's name in messages and the options it accepts (fifo ignores any).
+SCHEDULER_OPTIONS = {"pbt": ("PBT", PBT_OPTIONS), "pb2": ("PB2", PB2_OPTIONS),
+                     "asha": ("ASHA", ASHA_OPTIONS), "random": ("random search", ())}
+#: Schedulers whose trials draw every mutated key once, whatever ``mutations.start`` says:
+#: their search is that draw.
+DRAW_ONCE = ("random", "asha")
+#: Modules PB2 imports beyond Ray, and the package that provides each.
+PB2_MODULES = {"sklearn": "scikit-learn"}
 #: Result keys that grow with training: PBT's clock.
 TIME_ATTRS = ("training_iteration", "time_total_s", "num_env_steps_sampled_lifetime",
               "env_runners/num_env_steps_sampled_lifetime")
-TRACKING_BACKENDS = ("mlflow", "none")
+#: ``azureml`` is MLflow on an AzureML job's workspace (URI from the job's environment).
+TRACKING_BACKENDS = ("mlflow", "azureml", "none")
 
 
 def resolve(
@@ -59,14 +72,15 @@ def resolve(
     fixed, initial = resolve_algorithm_config(plain, algorithm, env)
     mutations = resolve_mutations(plain["mutations"], algorithm)
     population = _positive_int(plain, "population")
-    scheduler = resolve_scheduler(plain["scheduler"], population)
+    scheduler = resolve_scheduler(plain["scheduler"], population, mutations)
     param_space = {**fixed, **{key: dist.to_tune() for key, dist in initial.items()}}
-    start = plain["mutations"].get("start", "sample")
+    draw_all = plain["mutations"].get("start", "sample") == "sample" or (
+        scheduler.name in DRAW_ONCE)
     for key, dist in mutations.items():
-        if start == "sample" or key not in param_space:
+        if draw_all or key not in param_space:
             param_space[key] = dist.to_tune()
     drawn = {k: d for k, d in mutations.items()
-             if start == "sample" or (k not in fixed and k not in initial)}
+             if draw_all or (k not in fixed and k not in initial)}
     algorithm.check(
         _bounds(fixed, initial, mutations),
         _bounds({k: v for k, v in fixed.items() if k not in drawn},
@@ -89,6 +103,7 @@ def resolve(
         seed=seed,
         num_to_keep=_positive_int(plain, "checkpoint.num_to_keep"),
         max_failures=_positive_int(plain, "max_failures", minimum=0),
+        checkpoint_frequency=_positive_int(plain, "checkpoint.frequency", minimum=0),
         output_dir=Path(output_dir),
         trainable=_one_of(plain, "trainable", ("pbt_ready", "stock")),
         choices=dict(choices or {}),
@@ -242,37 +257,96 @@ def _first_draw(param_space: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.sample() if hasattr(v, "sample") else v for k, v in param_space.items()}
 
 
-def resolve_scheduler(scheduler: Mapping[str, Any], population: int) -> SchedulerSpec:
-    """Check PBT's knobs with messages that say what is accepted."""
+def resolve_scheduler(
+    scheduler: Mapping[str, Any], population: int,
+    mutations: Mapping[str, Distribution] | None = None,
+) -> SchedulerSpec:
+    """Check the scheduler's knobs with messages that say what is accepted.
+
+    Args:
+        scheduler: the ``scheduler`` group as plain data.
+        population: trials; PBT and PB2 need two to exploit.
+        mutations: the mutated keys, which PB2 needs as numeric ranges.
+    """
     name = scheduler.get("name")
     if name not in SCHEDULERS:
         raise ConfigError(f"scheduler.name: unknown {name!r}; known: {', '.join(SCHEDULERS)}")
     if name == "fifo":
         return SchedulerSpec(name, {})
-    if population < 2:
-        raise ConfigError(f"population: PBT needs at least 2 trials, got {population}")
     options = {k: v for k, v in scheduler.items() if k != "name"}
+    label, allowed = SCHEDULER_OPTIONS[name]
+    _check_known_options(options, label, allowed)
+    if name in ("pbt", "pb2") and population < 2:
+        raise ConfigError(f"population: {label} needs at least 2 trials, got {population}")
+    if name == "pb2":
+        _check_pb2_ready(mutations or {})
+    if name == "asha":
+        _check_asha(options)
+    elif allowed:
+        _check_pbt(options, allowed)
+    return SchedulerSpec(name, options)
+
+
+def _check_known_options(options: Mapping[str, Any], label: str, allowed: tuple[str, ...]) -> None:
     for key in options:
-        if key not in PBT_OPTIONS:
-            close = difflib.get_close_matches(key, PBT_OPTIONS, n=1)
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(f"scheduler.{key}: not a PBT option; {hint}"
-                              f"known: {', '.join(PBT_OPTIONS)}")
+            known = f"known: {', '.join(allowed)}" if allowed else "it takes none"
+            article = "an" if label[0] in "AEIOU" else "a"
+            raise ConfigError(f"scheduler.{key}: not {article} {label} option; {hint}{known}")
+
+
+def _check_time_attr(options: Mapping[str, Any]) -> None:
     if options.get("time_attr") not in TIME_ATTRS:
         raise ConfigError(f"scheduler.time_attr: unknown {options.get('time_attr')!r}; "
                           f"choose from {', '.join(TIME_ATTRS)}")
+
+
+def _check_pbt(options: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    """PBT's knobs, or the subset PB2 takes; every one the scheduler accepts must be set."""
+    _check_time_attr(options)
     for key in ("log_config", "synch"):
         if not isinstance(options.get(key), bool):
             raise ConfigError(f"scheduler.{key}: must be true or false, got {options.get(key)!r}")
     _check_number(options, "perturbation_interval", low=0, low_open=True)
-    _check_number(options, "burn_in_period", low=0)
     _check_number(options, "quantile_fraction", low=0, high=0.5, low_open=True)
-    _check_number(options, "resample_probability", low=0, high=1)
-    factors = options.get("perturbation_factors")
-    if not (isinstance(factors, list) and factors and all(_is_number(f) for f in factors)):
-        raise ConfigError(f"scheduler.perturbation_factors: a list of numbers, got {factors!r}")
-    options["perturbation_factors"] = tuple(factors)
-    return SchedulerSpec(name, options)
+    if "burn_in_period" in allowed:
+        _check_number(options, "burn_in_period", low=0)
+    if "resample_probability" in allowed:
+        _check_number(options, "resample_probability", low=0, high=1)
+    if "perturbation_factors" in allowed:
+        factors = options.get("perturbation_factors")
+        if not (isinstance(factors, list) and factors and all(_is_number(f) for f in factors)):
+            raise ConfigError(
+                f"scheduler.perturbation_factors: a list of numbers, got {factors!r}")
+        options["perturbation_factors"] = tuple(factors)
+
+
+def _check_pb2_ready(mutations: Mapping[str, Distribution]) -> None:
+    """PB2 fits a Gaussian process over numeric ranges: no lists or choices, and scikit-learn."""
+    for key, dist in mutations.items():
+        if isinstance(dist, Choice):
+            raise ConfigError(
+                f"mutations.hyperparams.{key}: scheduler=pb2 needs numeric ranges (Uniform, "
+                f"LogUniform, RandInt, LogRandInt), got a {type(dist).__name__}; use "
+                "scheduler=pbt for lists and choices")
+    missing = [package for module, package in PB2_MODULES.items()
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ConfigError(
+            f"scheduler=pb2 needs {' and '.join(missing)}: pip install -e \".[pb2]\"")
+
+
+def _check_asha(options: dict[str, Any]) -> None:
+    """ASHA's knobs, with the ranges Ray's ``AsyncHyperBandScheduler`` asserts."""
+    _check_time_attr(options)
+    _check_number(options, "max_t", low=0, low_open=True)
+    _check_number(options, "grace_period", low=0, low_open=True)
+    _check_number(options, "reduction_factor", low=1, low_open=True)
+    if options["grace_period"] > options["max_t"]:
+        raise ConfigError(f"scheduler.grace_period: must be <= scheduler.max_t "
+                          f"({options['max_t']}), got {options['grace_period']}")
 
 
 def _is_number(value: Any) -> bool:
@@ -325,7 +399,13 @@ def resolve_resources(resources: Mapping[str, Any]) -> Resources:
 
 
 def resolve_tracking(tracking: Mapping[str, Any], launch_dir: Path) -> Tracking:
-    """Pick the backend; anchor a relative SQLite path at the launch directory."""
+    """Pick the backend; anchor a relative SQLite path at the launch directory.
+
+    ``azureml`` resolves to plain MLflow tracking (the tracker is the same; the option picked
+    stays in the ``rl_pbt.tracking`` tag). Its URI is the one AzureML sets in a job
+    (``conf/tracking/azureml.yaml`` reads ``MLFLOW_TRACKING_URI``), so a run outside a job, or
+    an image without the ``azureml://`` plugin, fails here, before Ray starts.
+    """
     backend = tracking.get("backend")
     if backend not in TRACKING_BACKENDS:
         raise ConfigError(
@@ -333,6 +413,26 @@ def resolve_tracking(tracking: Mapping[str, Any], launch_dir: Path) -> Tracking:
         )
     if backend == "none":
         return Tracking("none", None, None)
+    if backend == "azureml":
+        from importlib.util import find_spec
+
+        uri = str(tracking.get("tracking_uri") or "")
+        if not uri:
+            raise ConfigError(
+                "tracking.tracking_uri: MLFLOW_TRACKING_URI is not set; tracking=azureml takes it "
+                "from an AzureML job (scripts/azureml/submit.py), elsewhere use tracking=mlflow"
+            )
+        if uri.startswith("azureml://"):
+            try:
+                plugin = find_spec("azureml.mlflow")
+            except ModuleNotFoundError:  # not even the ``azureml`` namespace
+                plugin = None
+            if plugin is None:
+                raise ConfigError(
+                    "tracking.tracking_uri: an azureml:// URI needs the azureml-mlflow plugin; "
+                    'pip install -e ".[azureml]"'
+                )
+        backend = "mlflow"
     uri = str(tracking.get("tracking_uri") or "sqlite:///mlflow.db")
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
