@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rl_pbt.cli import CONF_DIR, check_group_options, discard_empty_output_dir, fail
-from rl_pbt.errors import ConfigError
+from rl_pbt.errors import ConfigError, Interrupted
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -21,6 +21,9 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         discard_empty_output_dir()
         fail(err)
+    except Interrupted as err:
+        print(f"rl_pbt: {err}", file=sys.stderr)
+        sys.exit(130)
     best = summary.get("best")
     return best["return"] if best else None
 

@@ -96,6 +96,7 @@ class Plan:
     seed: int
     num_to_keep: int
     max_failures: int
+    checkpoint_frequency: int
     output_dir: Path
     trainable: str = "pbt_ready"
     choices: dict[str, str] = field(default_factory=dict)

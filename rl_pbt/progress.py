@@ -12,9 +12,10 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from rl_pbt.records import trial_error
 from rl_pbt.schedulers import ExploitEvent
 from rl_pbt.stopping import result_value
-from rl_pbt.values import finite, short
+from rl_pbt.values import finite, first_line, short
 
 
 class ProgressPrinter(Callback):
@@ -51,3 +52,18 @@ class ProgressPrinter(Callback):
                             for k, v in event.new.items() if event.old.get(k) != v)
         print(f"[pbt] {event.trial_id} cloned {event.source_id} at iteration "
               f"{event.iteration}: {changes}", flush=True)
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        print(f"[fail] {trial.trial_id} failed after iteration {_iteration(trial)} "
+              f"({first_line(trial_error(trial))}); retrying from its last checkpoint "
+              f"(failure {trial.num_failures})", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        print(f"[fail] {trial.trial_id} failed after iteration {_iteration(trial)} "
+              f"({first_line(trial_error(trial))}); no retries left, the others go on",
+              flush=True)
+
+
+def _iteration(trial: Trial) -> int:
+    return int((trial.last_result or {}).get("training_iteration", 0))
+

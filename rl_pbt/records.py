@@ -9,6 +9,7 @@ depend on that sync: analysis, tests and people read ``trials.jsonl`` and ``expl
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -20,10 +21,12 @@ from ray.tune.experiment import Trial
 from rl_pbt.schedulers import ExploitEvent
 from rl_pbt.stopping import ENV_STEPS, result_value
 from rl_pbt.trainable import PROBE
-from rl_pbt.values import finite
+from rl_pbt.values import finite, first_line
 
 TRIALS_FILE = "trials.jsonl"
 EXPLOITS_FILE = "exploits.jsonl"
+FAILURES_FILE = "failures.jsonl"
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
 
 
 def trained_config(result: dict[str, Any], trial: Trial) -> dict[str, Any]:
@@ -39,10 +42,12 @@ def trained_config(result: dict[str, Any], trial: Trial) -> dict[str, Any]:
 class RunRecorder(Callback):
     """Append one line per trial result and per exploit under the run folder."""
 
-    def __init__(self, output_dir: Path, metric: str, mutated: list[str]) -> None:
+    def __init__(self, output_dir: Path, metric: str, mutated: list[str],
+                 repeats: Any = None) -> None:
         self.output_dir = output_dir
         self.metric = metric
         self.mutated = mutated
+        self.repeats = repeats  # rl_pbt.resume.Repeats: iterations recorded before a restore
         self.pending: list[ExploitEvent] = []
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
@@ -52,6 +57,9 @@ class RunRecorder(Callback):
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
     ) -> None:
+        if self.repeats is not None and self.repeats.is_repeat(trial):
+            self._flush()
+            return
         self._append(TRIALS_FILE, {
             "trial_id": trial.trial_id,
             "training_iteration": result.get("training_iteration"),
@@ -78,6 +86,24 @@ class RunRecorder(Callback):
         """
         self.pending.append(event)
 
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        """A failed trial that Tune retries from its last checkpoint."""
+        self._failure(trial, retried=True)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        """A trial that failed more often than ``max_failures``: it stops for good."""
+        self._failure(trial, retried=False)
+
+    def _failure(self, trial: Trial, retried: bool) -> None:
+        self._append(FAILURES_FILE, {
+            "trial_id": trial.trial_id,
+            "training_iteration": (trial.last_result or {}).get("training_iteration"),
+            "retried": retried,
+            "failures": trial.num_failures,
+            "error": first_line(trial_error(trial)),
+            "recorded_at": time.time(),
+        })
+
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self._flush()
 
@@ -85,6 +111,24 @@ class RunRecorder(Callback):
         for event in self.pending:
             self._append(EXPLOITS_FILE, asdict(replace(event, wall_time=time.time())))
         self.pending.clear()
+
+
+def trial_error(trial: Trial) -> str:
+    """The exception that failed the trial, from its error file, without Ray's traceback.
+
+    Tune appends one ``Failure # N`` section per failure; the last one is this failure. RLlib
+    re-raises env errors as a bare ``RuntimeError``; Python prints the chain's cause first, so
+    the first ``SomeError: message`` line of the section names what really went wrong.
+    """
+    path = Path(trial.error_file) if trial.error_file else None
+    if path is None or not path.is_file():
+        return "unknown error"
+    lines = path.read_text(errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Failure #")]
+    lines = lines[starts[-1]:] if starts else lines
+    raised = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    with_message = [line for line in raised if ": " in line]
+    return (with_message or raised or ["unknown error"])[0]
 
 
 def write_json(data: Any, path: Path) -> Path:

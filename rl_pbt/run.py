@@ -16,13 +16,16 @@ from typing import Any
 from omegaconf import DictConfig
 
 from rl_pbt import cluster, envs
+from rl_pbt import resume as resuming
 from rl_pbt.algorithms import import_object
 from rl_pbt.analysis.report import Report, write_report
-from rl_pbt.errors import ConfigError
+from rl_pbt.cli import discard_empty_output_dir
+from rl_pbt.errors import ConfigError, Interrupted
 from rl_pbt.plan import Plan
 from rl_pbt.progress import ProgressPrinter
-from rl_pbt.records import RunRecorder, write_json
+from rl_pbt.records import EXPLOITS_FILE, RunRecorder, read_json, read_jsonl, write_json
 from rl_pbt.resolve import resolve
+from rl_pbt.resume import RUN_INFO, CtrlC, Repeats, ResumePoint
 from rl_pbt.schedulers import Scheduler, build_scheduler
 from rl_pbt.stopping import PlanStopper
 from rl_pbt.summary import build_summary, format_summary, run_info, write_summary
@@ -40,8 +43,22 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
         output_dir: where everything is written; default: Hydra's output folder.
     """
     info = hydra_info(output_dir)
+    if cfg.get("resume"):
+        return resume(Path(str(cfg.resume)), info)
     plan = replace(resolve(cfg, info["output_dir"], info["choices"]), command=info["command"])
     return execute(plan, info["tags"])
+
+
+def resume(run_dir: Path, info: Mapping[str, Any]) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` with its saved config (no other overrides accepted)."""
+    extra = [o for o in info["overrides"] if not o.startswith(("resume=", "hydra."))]
+    if extra:
+        raise ConfigError(f"resume: a resumed run keeps its saved config; drop {' '.join(extra)}")
+    cfg, point = resuming.load_resume(run_dir)
+    saved = read_json(point.run_dir / RUN_INFO)
+    plan = resuming.resumed_plan(resolve(cfg, point.run_dir), point, saved)
+    discard_empty_output_dir()  # this invocation writes into run_dir, not Hydra's new folder
+    return execute(plan, info["tags"], point)
 
 
 def hydra_info(output_dir: Path | None) -> dict[str, Any]:
@@ -50,7 +67,8 @@ def hydra_info(output_dir: Path | None) -> dict[str, Any]:
     from hydra.types import RunMode
 
     info: dict[str, Any] = {"output_dir": output_dir, "choices": {}, "tags": {},
-                            "command": " ".join(["python -m rl_pbt", *sys.argv[1:]])}
+                            "command": " ".join(["python -m rl_pbt", *sys.argv[1:]]),
+                            "overrides": []}
     if not HydraConfig.initialized():
         if output_dir is None:
             raise ValueError("output_dir is required outside a Hydra run")
@@ -60,6 +78,7 @@ def hydra_info(output_dir: Path | None) -> dict[str, Any]:
     info["choices"] = {k: str(v) for k, v in hc.runtime.choices.items()
                        if not k.startswith("hydra") and v is not None}
     overrides = list(hc.overrides.task)
+    info["overrides"] = overrides
     info["command"] = " ".join(["python -m rl_pbt", *overrides])
     if hc.mode == RunMode.MULTIRUN:
         info["tags"] = {"rl_pbt.sweep": str(Path(hc.sweep.dir).resolve()),
@@ -67,36 +86,61 @@ def hydra_info(output_dir: Path | None) -> dict[str, Any]:
     return info
 
 
-def execute(plan: Plan, tags: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Run a resolved plan end to end; every check that can fail does so before training."""
+def execute(
+    plan: Plan, tags: Mapping[str, str] | None = None, resumed: ResumePoint | None = None,
+) -> dict[str, Any]:
+    """Run a resolved plan end to end; every check that can fail does so before training.
+
+    With ``resumed``, the Tune experiment, records and MLflow runs of that folder go on.
+    Raises :class:`Interrupted` after a Ctrl-C that Tune handled (the state is saved).
+    """
     started = time.monotonic()
     if plan.tracking.enabled:
         check_reachable(plan.tracking)
-    cluster.start_ray(plan)
+    ray_used = cluster.describe(cluster.start_ray(plan))
     fit = cluster.concurrency(plan)
     print(fit.report(), flush=True)
     envs.register(plan.env)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_info(plan), plan.output_dir / "run.json")
+    if resumed is None:
+        write_json(run_info(plan, ray_used), plan.output_dir / RUN_INFO)
     _quiet_known_noise()
     # RLlib reports the episode return only once an episode has finished; Tune would fail
     # the trial for the missing metric (Acrobot's first 500-step episodes, for one).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     random.seed(plan.seed)  # PBT draws its quantile picks and perturbations from `random`
     scheduler = build_scheduler(plan)
-    recorder = RunRecorder(plan.output_dir, plan.stop.metric, list(plan.mutations))
+    repeats = Repeats(resumed.last_iteration if resumed else None)
+    recorder = RunRecorder(plan.output_dir, plan.stop.metric, list(plan.mutations), repeats)
     progress = ProgressPrinter(plan.stop.metric, plan.stop.mode)
-    scheduler.listeners += [recorder.on_exploit, progress.on_exploit]
-    tracker = MlflowTracker(plan) if plan.tracking.enabled else None
-    tracking = _open_tracking(tracker, plan, scheduler, tags or {})
-    callbacks = [recorder, progress, *([tracker] if tracker else [])]
+    scheduler.listeners += [repeats.on_exploit, recorder.on_exploit, progress.on_exploit]
+    tracker = MlflowTracker(plan, repeats) if plan.tracking.enabled else None
+    tracking = _open_tracking(tracker, plan, scheduler, tags or {}, resumed)
+    if tracking and resumed is None:  # what a resumed run needs to continue the same runs
+        write_json({**run_info(plan, ray_used), "tracking": _tracking_record(plan, tracking)},
+                   plan.output_dir / RUN_INFO)
+    ctrl_c = CtrlC()
+    callbacks = [ctrl_c, repeats, recorder, progress, *([tracker] if tracker else [])]
     try:
-        results = make_tuner(plan, scheduler, callbacks).fit()
-        exploits = Counter(event.trial_id for event in scheduler.events)
+        if resumed:
+            tuner = restore_tuner(plan, scheduler, callbacks)
+        else:
+            tuner = make_tuner(plan, scheduler, callbacks)
+        results = tuner.fit()
+        if ctrl_c.caught:
+            if tracker:
+                tracker.interrupted()
+                tracker.close(None, "KILLED")
+            raise Interrupted(f"interrupted; the state is saved. Continue with: "
+                              f"{resuming.resume_command(plan.output_dir)}")
+        # From the records, not scheduler.events: a resumed run counts the first part too.
+        exploits = Counter(e["trial_id"] for e in read_jsonl(plan.output_dir / EXPLOITS_FILE))
         summary = build_summary(plan, results, exploits, time.monotonic() - started,
                                 fit.report(), tracking)
         write_summary(summary, plan.output_dir)
         report = _write_report(plan)
+    except Interrupted:
+        raise
     except BaseException:
         if tracker:  # never leave the parent run RUNNING
             tracker.close(None, "KILLED")
@@ -107,6 +151,14 @@ def execute(plan: Plan, tags: Mapping[str, str] | None = None) -> dict[str, Any]
     if report:
         print(f"report       {report.markdown}", flush=True)
     return summary
+
+
+def _tracking_record(plan: Plan, tracking: Mapping[str, Any]) -> dict[str, Any]:
+    """The store and runs of this experiment, as ``run.json`` keeps them for a resume."""
+    return {"backend": plan.tracking.backend, "tracking_uri": plan.tracking.tracking_uri,
+            "experiment_name": plan.tracking.experiment_name,
+            "experiment_id": tracking["experiment_id"],
+            "parent_run_id": tracking["parent_run_id"]}
 
 
 def _write_report(plan: Plan) -> Report | None:
@@ -128,11 +180,13 @@ def _quiet_known_noise() -> None:
 
 
 def _open_tracking(
-    tracker: MlflowTracker | None, plan: Plan, scheduler: Scheduler, tags: Mapping[str, str]
+    tracker: MlflowTracker | None, plan: Plan, scheduler: Scheduler, tags: Mapping[str, str],
+    resumed: ResumePoint | None,
 ) -> dict[str, Any] | None:
     if tracker is None:
         return None
-    parent = tracker.open(tags)
+    saved = resumed.tracking if resumed else None
+    parent = tracker.reopen(saved["parent_run_id"]) if saved else tracker.open(tags)
     scheduler.listeners.append(tracker.on_exploit)
     return {
         "tracking_uri": plan.tracking.tracking_uri,
@@ -143,6 +197,33 @@ def _open_tracking(
     }
 
 
+def _trainable(plan: Plan) -> type:
+    """RLlib's own algorithm class (``trainable=stock``) or its PBT-ready subclass."""
+    if plan.trainable == "stock":
+        return import_object(plan.algorithm.algorithm_class)
+    return pbt_trainable(plan.algorithm.algorithm_class)
+
+
+def restore_tuner(
+    plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
+    """The run folder's Tune experiment, with this process's scheduler, callbacks and stopper.
+
+    Ray pickles the scheduler and callbacks into ``tuner.pkl`` when the run starts and brings
+    those back on restore: objects bound to the killed process's recorder and MLflow client,
+    and PBT state that Ray does not restore (a fresh PBT rebuilt from the plan keeps exploring
+    with the configured distributions). Ray has no public setter, hence the private fields.
+    """
+    from ray import tune
+
+    tuner = tune.Tuner.restore(str(plan.output_dir.resolve() / "tune"), trainable=_trainable(plan),
+                               resume_unfinished=True, resume_errored=True)
+    internal = tuner._local_tuner
+    internal._tune_config.scheduler = scheduler
+    internal._run_config.callbacks = callbacks
+    internal._run_config.stop = PlanStopper(plan.stop)
+    return tuner
+
+
 def make_tuner(plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
     """The Tuner: PBT-ready trainable, reused actors, checkpoints and results in the run folder."""
     from ray import tune
@@ -150,10 +231,8 @@ def make_tuner(plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
 
     param_space = {**plan.param_space, "seed": tune.randint(0, 2**31 - 1)}
     stock = plan.trainable == "stock"
-    trainable = (import_object(plan.algorithm.algorithm_class) if stock
-                 else pbt_trainable(plan.algorithm.algorithm_class))
     return tune.Tuner(
-        trainable,
+        _trainable(plan),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             num_samples=plan.population,
@@ -169,7 +248,8 @@ def make_tuner(plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
             stop=PlanStopper(plan.stop),
             callbacks=callbacks,
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=plan.num_to_keep, checkpoint_at_end=True
+                num_to_keep=plan.num_to_keep, checkpoint_at_end=True,
+                checkpoint_frequency=plan.checkpoint_frequency,
             ),
             failure_config=tune.FailureConfig(max_failures=plan.max_failures),
             verbose=0,  # ProgressPrinter reports instead of Tune's full tables

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import yaml
 
 from rl_pbt.analysis.lineage import RunRecords, best_of
 from rl_pbt.plan import Plan
-from rl_pbt.records import write_json
+from rl_pbt.records import FAILURES_FILE, read_jsonl, write_json
 from rl_pbt.stopping import target_reached
 from rl_pbt.values import finite, first_line, short
 
@@ -35,9 +36,12 @@ def trial_rows(plan: Plan, results: Any, exploits: Mapping[str, int]) -> list[di
 
     Tune's ``ResultGrid`` is not used for this: seen here, when ``stop_all`` ended a run while a
     paused trial waited for a reused actor, its Result carried another trial's metrics and path.
-    Only errors are taken from it.
+    Only errors are taken from it, where rl_pbt's failure records have none.
     """
+    failures = read_jsonl(plan.output_dir / FAILURES_FILE)
+    retries = Counter(f["trial_id"] for f in failures if f["retried"])
     errors = {trial_id_of(r.path): first_line(r.error) for r in results if r.error}
+    errors.update({f["trial_id"]: f["error"] for f in failures if not f["retried"]})
     finals = RunRecords.load(plan.output_dir).final_rows()
     rows = []
     for trial_id in sorted(set(finals) | {t for t in errors if t}):
@@ -50,6 +54,7 @@ def trial_rows(plan: Plan, results: Any, exploits: Mapping[str, int]) -> list[di
             "hyperparameters": last.get("hyperparameters", {}),
             "checkpoint": latest_checkpoint(plan.output_dir / "tune", trial_id),
             "exploits": exploits.get(trial_id, 0),
+            "retries": retries.get(trial_id, 0),
             "error": errors.get(trial_id),
         })
     return rows
@@ -86,8 +91,12 @@ def write_summary(summary: Mapping[str, Any], output_dir: Path) -> Path:
     return write_json(summary, output_dir / "summary.json")
 
 
-def run_info(plan: Plan) -> dict[str, Any]:
-    """What analysis needs to know of a run besides its records (``run.json``)."""
+def run_info(plan: Plan, ray_cluster: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What analysis needs to know of a run besides its records (``run.json``).
+
+    ``ray_cluster`` is :func:`rl_pbt.cluster.describe`: whether Ray was started here or joined,
+    and the cluster's nodes, which every result's ``probe.node_id`` refers to.
+    """
     return {
         "name": plan.name,
         "env_id": plan.env.id,
@@ -100,6 +109,7 @@ def run_info(plan: Plan) -> dict[str, Any]:
         "choices": plan.choices,
         "mutations": {k: d.describe() for k, d in plan.mutations.items()},
         "config": yaml.safe_load(plan.config_yaml) if plan.config_yaml else {},
+        "ray": dict(ray_cluster) if ray_cluster else None,
     }
 
 
@@ -127,6 +137,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     for row in summary["trials"]:
         score = "n/a" if row["return"] is None else f"{row['return']:.1f}"
         status = f"  FAILED: {row['error']}" if row["error"] else ""
+        if row.get("retries"):
+            status = f", {row['retries']} retried failures" + status
         lines.append(f"  trial {row['trial_id']}: return {score}, {row['iterations']} it, "
                      f"{row['exploits']} exploits{status}")
     tracking = summary.get("tracking")

@@ -21,10 +21,10 @@ from ray.tune.experiment import Trial
 
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import Plan, Tracking
-from rl_pbt.records import trained_config
+from rl_pbt.records import trained_config, trial_error
 from rl_pbt.schedulers import ExploitEvent
 from rl_pbt.stopping import ENV_STEPS, result_value
-from rl_pbt.values import finite
+from rl_pbt.values import finite, first_line
 
 PARENT_TAG = "mlflow.parentRunId"
 #: Result keys logged as metrics at every iteration, under these names.
@@ -73,10 +73,11 @@ def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 class MlflowTracker(Callback):
     """Tune callback that writes the experiment into MLflow as parent and child runs."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, repeats: Any = None) -> None:
         from mlflow.tracking import MlflowClient
 
         self.plan = plan
+        self.repeats = repeats  # rl_pbt.resume.Repeats: iterations logged before a restore
         self.client = MlflowClient(tracking_uri=plan.tracking.tracking_uri)
         self.mutated = list(plan.mutations)
         self.parent_id = ""
@@ -84,6 +85,7 @@ class MlflowTracker(Callback):
         self.children: dict[str, str] = {}
         self.steps: dict[str, int] = {}
         self.exploits: dict[str, int] = {}
+        self.running: set[str] = set()
 
     # -- the parent run -------------------------------------------------------------------
     def open(self, extra_tags: Mapping[str, str]) -> str:
@@ -106,6 +108,29 @@ class MlflowTracker(Callback):
         for key, value in params.items():
             self.client.log_param(self.parent_id, key, str(value)[:6000])
         return self.parent_id
+
+    def reopen(self, parent_id: str) -> str:
+        """Continue a resumed run's parent and child runs where they stopped.
+
+        Children are found by their parent tag; each goes on at the step after its last one,
+        so a resumed trial's metrics continue the same charts.
+        """
+        parent = self.client.get_run(parent_id)
+        self.parent_id, self.experiment_id = parent_id, parent.info.experiment_id
+        self.client.update_run(parent_id, status="RUNNING")
+        children = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.{PARENT_TAG} = '{parent_id}'")
+        for child in children:
+            trial_id = child.data.tags.get("rl_pbt.trial_id")
+            if not trial_id:
+                continue
+            run_id = child.info.run_id
+            self.children[trial_id] = run_id
+            history = self.client.get_metric_history(run_id, "training_iteration")
+            self.steps[trial_id] = max((m.step for m in history), default=0)
+            self.exploits[trial_id] = sum(
+                1 for tag in child.data.tags if tag.startswith("rl_pbt.exploit."))
+        return parent_id
 
     def _experiment_id(self, name: str) -> str:
         """Get or create the experiment; a SQLite store keeps its artifacts beside the file.
@@ -150,6 +175,7 @@ class MlflowTracker(Callback):
                 "rl_pbt.trial_id": trial.trial_id}
         run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
         self.children[trial.trial_id] = run_id
+        self.running.add(run_id)
         self.steps[trial.trial_id] = 0
         self.exploits[trial.trial_id] = 0
         fixed = {k: v for k, v in trial.config.items() if k not in self.mutated}
@@ -167,6 +193,11 @@ class MlflowTracker(Callback):
         from mlflow.entities import Metric
 
         run_id = self._child(trial)
+        if self.repeats is not None and self.repeats.is_repeat(trial):
+            return
+        if run_id not in self.running:  # a resumed run's child, or a retried trial's
+            self.client.update_run(run_id, status="RUNNING")
+            self.running.add(run_id)
         self.steps[trial.trial_id] += 1
         step = self.steps[trial.trial_id]
         stamp = int(result.get("timestamp", 0) * 1000)
@@ -195,12 +226,21 @@ class MlflowTracker(Callback):
         self._end(trial, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        """A trial that failed more often than ``max_failures``: FAILED, with its error."""
+        self.client.set_tag(self._child(trial), "rl_pbt.error", first_line(trial_error(trial)))
         self._end(trial, "FAILED")
 
     def _end(self, trial: Trial, status: str) -> None:
         run_id = self._child(trial)
         self.client.set_tag(run_id, "rl_pbt.exploit_count", str(self.exploits[trial.trial_id]))
         self.client.set_terminated(run_id, status)
+        self.running.discard(run_id)
+
+    def interrupted(self) -> None:
+        """Mark the parent and the running children KILLED: a resumed run sets them running."""
+        for run_id in list(self.running):
+            self.client.set_terminated(run_id, "KILLED")
+        self.running.clear()
 
 
 def _log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:
@@ -230,4 +270,6 @@ def ui_command(tracking: Tracking) -> str:
     uri = tracking.tracking_uri or ""
     if uri.startswith("http"):
         return f"open {uri} in a browser"
+    if uri.startswith("azureml://"):
+        return "open the job in Azure ML studio (Jobs -> the job's Metrics and child runs)"
     return f"mlflow ui --backend-store-uri {uri}"

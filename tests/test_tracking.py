@@ -22,6 +22,7 @@ class StandInTrial:
 
     trial_id: str
     config: dict = field(default_factory=dict)
+    error_file: str | None = None
 
     def __str__(self) -> str:
         return f"PBTPPO_{self.trial_id}"

@@ -1,0 +1,146 @@
+"""Continue a run that was killed or interrupted: ``python -m rl_pbt resume=RUN_DIR``.
+
+The run folder holds all it takes: ``run.json`` (the resolved config, seed and MLflow ids),
+``tune/`` (Tune's experiment state and the trials' checkpoints) and ``trials.jsonl``. A resumed
+run uses the same config, restores every unfinished trial from its last checkpoint and writes
+into the same records and the same MLflow parent and child runs.
+
+Restored trials repeat the iterations between their last checkpoint and the kill. Those
+iterations are already recorded (in ``trials.jsonl`` and MLflow, which cannot delete a metric
+point), so :class:`Repeats` tells the recorders to skip them: every iteration is recorded once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+
+from rl_pbt.errors import ConfigError
+from rl_pbt.plan import Plan, Tracking
+from rl_pbt.records import TRIALS_FILE, read_json, read_jsonl
+
+RUN_INFO = "run.json"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run picks up: its folder, recorded iterations and MLflow runs."""
+
+    run_dir: Path
+    last_iteration: dict[str, int]
+    tracking: dict[str, Any] | None
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir``."""
+    return f"python -m rl_pbt resume={run_dir.resolve()}"
+
+
+def load_resume(run_dir: Path) -> tuple[Any, ResumePoint]:
+    """The saved config of ``run_dir`` (a DictConfig) and where the run stopped.
+
+    Raises ConfigError for a folder that is not a resumable rl_pbt run.
+    """
+    run_dir = run_dir.expanduser().resolve()
+    info = read_json(run_dir / RUN_INFO) if run_dir.is_dir() else None
+    if not info or "config" not in info:
+        raise ConfigError(f"resume: {run_dir} is not an rl_pbt run folder (no {RUN_INFO})")
+    if not (run_dir / "tune" / "tuner.pkl").is_file():
+        raise ConfigError(f"resume: {run_dir} has no Tune experiment to continue "
+                          "(tune/tuner.pkl is missing)")
+    if (run_dir / "summary.json").is_file():
+        raise ConfigError(f"resume: the run in {run_dir} finished (summary.json); "
+                          "start a new run instead")
+    cfg = OmegaConf.create(info["config"])
+    cfg.seed = info["seed"]
+    cfg.resume = None
+    last: dict[str, int] = {}
+    for row in read_jsonl(run_dir / TRIALS_FILE):
+        last[row["trial_id"]] = max(last.get(row["trial_id"], 0), row["training_iteration"])
+    return cfg, ResumePoint(run_dir, last, info.get("tracking"))
+
+
+def resumed_plan(plan: Plan, point: ResumePoint, info: dict[str, Any]) -> Plan:
+    """The plan as it was first run: same command, choices and tracking store.
+
+    A relative SQLite path was anchored at the first run's launch directory; ``run.json``
+    kept the absolute URI, so resuming from anywhere writes to the same store.
+    """
+    tracking = point.tracking
+    if tracking:
+        plan = replace(plan, tracking=Tracking(tracking["backend"], tracking["tracking_uri"],
+                                               tracking["experiment_name"]))
+    return replace(plan, command=info.get("command", plan.command),
+                   choices=info.get("choices", plan.choices))
+
+
+class Repeats(Callback):
+    """Decides, once per result, whether that iteration was recorded already.
+
+    A trial restored from a checkpoint (on resume, or on a retry after a failure) trains again
+    the iterations after that checkpoint; they are repeats until it passes the last recorded
+    iteration. An exploit ends that: the trial's history continues from the clone's.
+    Listed before the recorders, which ask :meth:`is_repeat` for the same result.
+    """
+
+    def __init__(self, last_iteration: dict[str, int] | None = None) -> None:
+        self.last = dict(last_iteration or {})
+        self.rewound = set(self.last)
+        self.exploited: set[str] = set()
+        self.decided: dict[str, bool] = {}
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
+    ) -> None:
+        step = int(result.get("training_iteration", 0))
+        tid = trial.trial_id
+        repeat = tid in self.rewound and step <= self.last.get(tid, 0)
+        if not repeat:
+            self.rewound.discard(tid)
+            self.last[tid] = step
+        self.decided[tid] = repeat
+        if tid in self.exploited:  # the exploit came with this result; the next is the clone's
+            self.exploited.discard(tid)
+            self.rewound.discard(tid)
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        self.rewound.add(trial.trial_id)
+
+    def on_exploit(self, event: Any) -> None:
+        """Tune runs the scheduler before the callbacks: the exploit's result is still to come."""
+        self.exploited.add(event.trial_id)
+
+    def is_repeat(self, trial: Trial) -> bool:
+        """Whether the result being processed for ``trial`` repeats a recorded iteration."""
+        return self.decided.get(trial.trial_id, False)
+
+
+class CtrlC(Callback):
+    """Notices the Ctrl-C that Tune turns into a clean stop, so the run can say how to resume.
+
+    Tune installs its SIGINT handler before it sets up callbacks, stops the loop on the first
+    Ctrl-C, saves the experiment and returns from ``fit`` as if the run had ended; trials it
+    stopped look finished. Wrapping Tune's handler here records that it fired.
+    """
+
+    def __init__(self) -> None:
+        self.caught = False
+
+    def setup(self, **info: Any) -> None:
+        tune_handler = signal.getsignal(signal.SIGINT)
+        if not callable(tune_handler) or threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            self.caught = True
+            tune_handler(signum, frame)
+
+        signal.signal(signal.SIGINT, handler)
+
