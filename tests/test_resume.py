@@ -1,5 +1,6 @@
-"""Kill a tuning run (SIGKILL, then Ctrl-C) and resume it: the same Tune experiment and MLflow
-runs go on, PBT keeps exploring, and every iteration is recorded exactly once."""
+"""Kill a tuning run with SIGKILL and resume it: the same Tune experiment and MLflow runs go on,
+PBT keeps exploring, and every iteration is recorded exactly once. Ctrl-C stops cleanly and
+says how to resume."""
 
 from __future__ import annotations
 
@@ -53,28 +54,35 @@ def _mlflow_runs(db: Path):
     return client, parents, children
 
 
-@pytest.mark.slow
-def test_killed_then_interrupted_run_resumes_to_the_end(tmp_path):
+def _first_run(tmp_path: Path) -> tuple[Path, Path, subprocess.Popen]:
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
-    first = _start(run_dir, tmp_path / "first.log", [*ARGS, f"hydra.run.dir={run_dir}",
-                                 f"tracking.tracking_uri=sqlite:///{db}"])
-    _wait_for_rows(run_dir, 7, first)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=60)
-    killed_at = time.time()
-    rows_before = len(read_jsonl(run_dir / TRIALS_FILE))
+    proc = _start(run_dir, tmp_path / "first.log", [
+        *ARGS, f"hydra.run.dir={run_dir}", f"tracking.tracking_uri=sqlite:///{db}"])
+    _wait_for_rows(run_dir, 7, proc)
+    return run_dir, db, proc
 
-    # Resume, then stop the resumed run with Ctrl-C (SIGINT to the driver) mid-way.
-    second = _start(run_dir, tmp_path / "second.log", [f"resume={run_dir}"])
-    _wait_for_rows(run_dir, rows_before + 4, second)
-    os.kill(second.pid, signal.SIGINT)
-    assert second.wait(timeout=180) == 130
-    last_line = (tmp_path / "second.log").read_text().strip().splitlines()[-1]
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
+    run_dir, db, proc = _first_run(tmp_path)
+    os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends the driver
+    assert proc.wait(timeout=180) == 130
+    last_line = (tmp_path / "first.log").read_text().strip().splitlines()[-1]
     assert last_line == (f"rl_pbt: interrupted; the state is saved. Continue with: "
                          f"python -m rl_pbt resume={run_dir}")
     assert not (run_dir / "summary.json").exists()
-    _, parents, _ = _mlflow_runs(db)
+    _, parents, children = _mlflow_runs(db)
     assert [p.info.status for p in parents] == ["KILLED"]
+    assert {c.info.status for c in children} <= {"KILLED", "FINISHED"}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_end(tmp_path):
+    run_dir, db, proc = _first_run(tmp_path)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = time.time()
+    rows_before = len(read_jsonl(run_dir / TRIALS_FILE))
 
     elsewhere = tmp_path / "elsewhere"  # the saved store is found from any directory
     elsewhere.mkdir()
@@ -129,3 +137,18 @@ def _iterations_follow(trial_id: str, rows: list[dict], exploits: list[dict]) ->
             assert after["training_iteration"] == before["training_iteration"] + 1, (
                 trial_id, before, after)
     return mine[-1]["training_iteration"]
+
+
+def test_resume_of_a_folder_that_is_no_run_is_one_line(tmp_path):
+    proc = run_cli([f"resume={tmp_path}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"rl_pbt: error: resume: {tmp_path} is not an rl_pbt run "
+                                   "folder (no run.json)")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_resume_takes_no_other_overrides(tmp_path):
+    proc = run_cli([f"resume={tmp_path}", "population=3"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("rl_pbt: error: resume: a resumed run keeps its saved "
+                                   "config; drop population=3")
