@@ -15,7 +15,7 @@ from ray.tune.experiment import Trial
 from rl_pbt.records import trial_error
 from rl_pbt.schedulers import ExploitEvent
 from rl_pbt.stopping import result_value
-from rl_pbt.values import finite, first_line, short
+from rl_pbt.values import finite, short
 
 
 class ProgressPrinter(Callback):
@@ -54,14 +54,15 @@ class ProgressPrinter(Callback):
               f"{event.iteration}: {changes}", flush=True)
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
-        print(f"[fail] {trial.trial_id} failed after iteration {_iteration(trial)} "
-              f"({first_line(trial_error(trial))}); retrying from its last checkpoint "
-              f"(failure {trial.num_failures})", flush=True)
+        _print_failure(trial, f"retrying from its last checkpoint (failure {trial.num_failures})")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
-        print(f"[fail] {trial.trial_id} failed after iteration {_iteration(trial)} "
-              f"({first_line(trial_error(trial))}); no retries left, the others go on",
-              flush=True)
+        _print_failure(trial, "no retries left, the others go on")
+
+
+def _print_failure(trial: Trial, outcome: str) -> None:
+    print(f"[fail] {trial.trial_id} failed after iteration {_iteration(trial)} "
+          f"({trial_error(trial)}); {outcome}", flush=True)
 
 
 def _iteration(trial: Trial) -> int:

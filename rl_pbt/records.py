@@ -21,7 +21,7 @@ from ray.tune.experiment import Trial
 from rl_pbt.schedulers import ExploitEvent
 from rl_pbt.stopping import ENV_STEPS, result_value
 from rl_pbt.trainable import PROBE
-from rl_pbt.values import finite, first_line
+from rl_pbt.values import finite
 
 TRIALS_FILE = "trials.jsonl"
 EXPLOITS_FILE = "exploits.jsonl"
@@ -100,7 +100,7 @@ class RunRecorder(Callback):
             "training_iteration": (trial.last_result or {}).get("training_iteration"),
             "retried": retried,
             "failures": trial.num_failures,
-            "error": first_line(trial_error(trial)),
+            "error": trial_error(trial),
             "recorded_at": time.time(),
         })
 
@@ -114,7 +114,8 @@ class RunRecorder(Callback):
 
 
 def trial_error(trial: Trial) -> str:
-    """The exception that failed the trial, from its error file, without Ray's traceback.
+    """The exception that failed the trial, in one line from its error file, without Ray's
+    traceback.
 
     Tune appends one ``Failure # N`` section per failure; the last one is this failure. RLlib
     re-raises env errors as a bare ``RuntimeError``; Python prints the chain's cause first, so

@@ -36,6 +36,8 @@ class ResumePoint:
     run_dir: Path
     last_iteration: dict[str, int]
     tracking: dict[str, Any] | None
+    command: str
+    choices: dict[str, str]
 
 
 def resume_command(run_dir: Path) -> str:
@@ -64,10 +66,11 @@ def load_resume(run_dir: Path) -> tuple[Any, ResumePoint]:
     last: dict[str, int] = {}
     for row in read_jsonl(run_dir / TRIALS_FILE):
         last[row["trial_id"]] = max(last.get(row["trial_id"], 0), row["training_iteration"])
-    return cfg, ResumePoint(run_dir, last, info.get("tracking"))
+    return cfg, ResumePoint(run_dir, last, info.get("tracking"), info.get("command", ""),
+                            info.get("choices", {}))
 
 
-def resumed_plan(plan: Plan, point: ResumePoint, info: dict[str, Any]) -> Plan:
+def resumed_plan(plan: Plan, point: ResumePoint) -> Plan:
     """The plan as it was first run: same command, choices and tracking store.
 
     A relative SQLite path was anchored at the first run's launch directory; ``run.json``
@@ -77,8 +80,8 @@ def resumed_plan(plan: Plan, point: ResumePoint, info: dict[str, Any]) -> Plan:
     if tracking:
         plan = replace(plan, tracking=Tracking(tracking["backend"], tracking["tracking_uri"],
                                                tracking["experiment_name"]))
-    return replace(plan, command=info.get("command", plan.command),
-                   choices=info.get("choices", plan.choices))
+    return replace(plan, command=point.command or plan.command,
+                   choices=point.choices or plan.choices)
 
 
 class Repeats(Callback):

@@ -23,7 +23,7 @@ from rl_pbt.cli import discard_empty_output_dir
 from rl_pbt.errors import ConfigError, Interrupted
 from rl_pbt.plan import Plan
 from rl_pbt.progress import ProgressPrinter
-from rl_pbt.records import EXPLOITS_FILE, RunRecorder, read_json, read_jsonl, write_json
+from rl_pbt.records import EXPLOITS_FILE, RunRecorder, read_jsonl, write_json
 from rl_pbt.resolve import resolve
 from rl_pbt.resume import RUN_INFO, CtrlC, Repeats, ResumePoint
 from rl_pbt.schedulers import Scheduler, build_scheduler
@@ -55,8 +55,7 @@ def resume(run_dir: Path, info: Mapping[str, Any]) -> dict[str, Any]:
     if extra:
         raise ConfigError(f"resume: a resumed run keeps its saved config; drop {' '.join(extra)}")
     cfg, point = resuming.load_resume(run_dir)
-    saved = read_json(point.run_dir / RUN_INFO)
-    plan = resuming.resumed_plan(resolve(cfg, point.run_dir), point, saved)
+    plan = resuming.resumed_plan(resolve(cfg, point.run_dir), point)
     discard_empty_output_dir()  # this invocation writes into run_dir, not Hydra's new folder
     return execute(plan, info["tags"], point)
 
@@ -102,8 +101,6 @@ def execute(
     print(fit.report(), flush=True)
     envs.register(plan.env)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
-    if resumed is None:
-        write_json(run_info(plan, ray_used), plan.output_dir / RUN_INFO)
     _quiet_known_noise()
     # RLlib reports the episode return only once an episode has finished; Tune would fail
     # the trial for the missing metric (Acrobot's first 500-step episodes, for one).
@@ -116,9 +113,9 @@ def execute(
     scheduler.listeners += [repeats.on_exploit, recorder.on_exploit, progress.on_exploit]
     tracker = MlflowTracker(plan, repeats) if plan.tracking.enabled else None
     tracking = _open_tracking(tracker, plan, scheduler, tags or {}, resumed)
-    if tracking and resumed is None:  # what a resumed run needs to continue the same runs
-        write_json({**run_info(plan, ray_used), "tracking": _tracking_record(plan, tracking)},
-                   plan.output_dir / RUN_INFO)
+    if resumed is None:  # with the tracking ids a resumed run needs to continue the same runs
+        record = {"tracking": _tracking_record(plan, tracking)} if tracking else {}
+        write_json({**run_info(plan, ray_used), **record}, plan.output_dir / RUN_INFO)
     ctrl_c = CtrlC()
     callbacks = [ctrl_c, repeats, recorder, progress, *([tracker] if tracker else [])]
     try:
@@ -130,7 +127,6 @@ def execute(
         if ctrl_c.caught:
             if tracker:
                 tracker.interrupted()
-                tracker.close(None, "KILLED")
             raise Interrupted(f"interrupted; the state is saved. Continue with: "
                               f"{resuming.resume_command(plan.output_dir)}")
         # From the records, not scheduler.events: a resumed run counts the first part too.

@@ -24,7 +24,7 @@ from rl_pbt.plan import Plan, Tracking
 from rl_pbt.records import trained_config, trial_error
 from rl_pbt.schedulers import ExploitEvent
 from rl_pbt.stopping import ENV_STEPS, result_value
-from rl_pbt.values import finite, first_line
+from rl_pbt.values import finite
 
 PARENT_TAG = "mlflow.parentRunId"
 #: Result keys logged as metrics at every iteration, under these names.
@@ -227,7 +227,7 @@ class MlflowTracker(Callback):
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         """A trial that failed more often than ``max_failures``: FAILED, with its error."""
-        self.client.set_tag(self._child(trial), "rl_pbt.error", first_line(trial_error(trial)))
+        self.client.set_tag(self._child(trial), "rl_pbt.error", trial_error(trial))
         self._end(trial, "FAILED")
 
     def _end(self, trial: Trial, status: str) -> None:
@@ -241,6 +241,7 @@ class MlflowTracker(Callback):
         for run_id in list(self.running):
             self.client.set_terminated(run_id, "KILLED")
         self.running.clear()
+        self.close(None, "KILLED")
 
 
 def _log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:
