@@ -16,7 +16,12 @@ from functools import cache
 from typing import Any
 
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, PopulationBasedTraining
+from ray.tune.schedulers import (
+    AsyncHyperBandScheduler,
+    FIFOScheduler,
+    PopulationBasedTraining,
+    TrialScheduler,
+)
 
 from rl_pbt.distributions import Distribution
 from rl_pbt.explore import Explore
@@ -65,7 +70,10 @@ class RecordingExploits(ExploitListeners):
         iteration = (self._trial_state[trial].last_result or {}).get("training_iteration", 0)
         source_iteration = (self._trial_state[trial_to_clone].last_result or {}).get(
             "training_iteration", 0)
+        saving = trial.is_saving
         super()._exploit(tune_controller, trial, trial_to_clone)  # type: ignore[misc]
+        if saving:
+            _drop_stale_stop(tune_controller, trial)
         self.report(ExploitEvent(
             trial_id=trial.trial_id,
             source_id=trial_to_clone.trial_id,
@@ -92,6 +100,23 @@ class RecordingExploits(ExploitListeners):
             if self._next_perturbation_sync <= latest:
                 self._next_perturbation_sync = latest + self._perturbation_interval
         return decision
+
+
+def _drop_stale_stop(tune_controller: Any, trial: Trial) -> None:
+    """Forget the STOP that Ray caches when synchronous PBT exploits a trial that is saving.
+
+    In synchronous mode a trial waits for the others with a pause-save in flight; when the last
+    one arrives, PBT pauses it again without a checkpoint. Ray's stop path sees the save, caches
+    a STOP for "after the save", then discards that save. The trial goes on PAUSED with the STOP
+    still cached, and the next periodic checkpoint after its exploit runs the STOP: the trial
+    ends TERMINATED mid-run (Ray issue #57906, PR #61448 not merged; reproduced here with a
+    two-trial synch run and ``checkpoint.frequency`` 1). The trial is already paused, and the
+    save that decision waited for will never come, so the decision is dropped.
+    """
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)
+    cached = getattr(controller, "_cached_trial_decisions", {})
+    if trial.status == Trial.PAUSED and cached.get(trial.trial_id) == TrialScheduler.STOP:
+        del cached[trial.trial_id]
 
 
 class RecordingPBT(RecordingExploits, PopulationBasedTraining):

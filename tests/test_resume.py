@@ -63,10 +63,11 @@ def _first_run(tmp_path: Path) -> tuple[Path, Path, subprocess.Popen]:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
+def test_ctrl_c_stops_cleanly_and_the_run_resumes_to_the_end(tmp_path):
     run_dir, db, proc = _first_run(tmp_path)
     os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends the driver
     assert proc.wait(timeout=180) == 130
+    stopped_at = time.time()
     last_line = (tmp_path / "first.log").read_text().strip().splitlines()[-1]
     assert last_line == (f"rl_pbt: interrupted; the state is saved. Continue with: "
                          f"python -m rl_pbt resume={run_dir}")
@@ -74,6 +75,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     _, parents, children = _mlflow_runs(db)
     assert [p.info.status for p in parents] == ["KILLED"]
     assert {c.info.status for c in children} <= {"KILLED", "FINISHED"}
+    _resume_to_the_end(tmp_path, run_dir, db, stopped_at)
 
 
 @pytest.mark.slow
@@ -82,12 +84,17 @@ def test_killed_run_resumes_to_the_end(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     killed_at = time.time()
-    rows_before = len(read_jsonl(run_dir / TRIALS_FILE))
 
+    _resume_to_the_end(tmp_path, run_dir, db, killed_at)
+
+
+def _resume_to_the_end(tmp_path: Path, run_dir: Path, db: Path, stopped_at: float) -> None:
+    """Resume the stopped run from another folder; check the records, PBT and MLflow after."""
+    rows_before = len(read_jsonl(run_dir / TRIALS_FILE))
     elsewhere = tmp_path / "elsewhere"  # the saved store is found from any directory
     elsewhere.mkdir()
     done = run_cli([f"resume={run_dir}"], cwd=elsewhere)
-    (tmp_path / "third.log").write_text(done.stdout + done.stderr)
+    (tmp_path / "resume.log").write_text(done.stdout + done.stderr)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = read_json(run_dir / "summary.json")
 
@@ -103,7 +110,7 @@ def test_killed_run_resumes_to_the_end(tmp_path):
     # PBT kept exploring after the resume, inside the configured ranges (Ray's known restore
     # bug left resampled values at 0 or 1).
     plan = resolve(compose_config(ARGS), tmp_path / "check")
-    later = [e for e in read_jsonl(run_dir / EXPLOITS_FILE) if e["wall_time"] > killed_at]
+    later = [e for e in read_jsonl(run_dir / EXPLOITS_FILE) if e["wall_time"] > stopped_at]
     assert later, "no exploit after the resume"
     for event in later:
         for key, value in event["new"].items():
