@@ -126,7 +126,7 @@ def execute(
         results = tuner.fit()
         if ctrl_c.caught:
             if tracker:
-                tracker.interrupted()
+                tracker.killed()
             raise Interrupted(f"interrupted; the state is saved. Continue with: "
                               f"{resuming.resume_command(plan.output_dir)}")
         # From the records, not scheduler.events: a resumed run counts the first part too.
@@ -138,8 +138,8 @@ def execute(
     except Interrupted:
         raise
     except BaseException:
-        if tracker:  # never leave the parent run RUNNING
-            tracker.close(None, "KILLED")
+        if tracker:  # never leave the parent or a child run RUNNING
+            tracker.killed()
         raise
     if tracker:
         tracker.close(summary, artifacts=report.paths() if report else [])

@@ -236,8 +236,11 @@ class MlflowTracker(Callback):
         self.client.set_terminated(run_id, status)
         self.running.discard(run_id)
 
-    def interrupted(self) -> None:
-        """Mark the parent and the running children KILLED: a resumed run sets them running."""
+    def killed(self) -> None:
+        """Mark the parent and the running children KILLED (Ctrl-C, or a crash of the run).
+
+        Nothing stays RUNNING in the MLflow UI; a resumed run sets them running again.
+        """
         for run_id in list(self.running):
             self.client.set_terminated(run_id, "KILLED")
         self.running.clear()

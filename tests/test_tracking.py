@@ -106,3 +106,28 @@ def test_unreachable_server_and_unwritable_folder_are_config_errors(tmp_path):
 
 def test_reachable_server_passes(mlflow_server):
     check_reachable(Tracking("mlflow", mlflow_server, "x"))
+
+
+def test_a_crash_mid_run_leaves_no_mlflow_run_running(plan, ray_session, monkeypatch):
+    """The driver fails while trials train: the parent and the started child end KILLED."""
+    from rl_pbt import run as running
+
+    class CrashingTuner:
+        def __init__(self, callbacks):
+            self.callbacks = callbacks
+
+        def fit(self):
+            trial = StandInTrial("a", {"lr": 1e-4})
+            for callback in self.callbacks:
+                if hasattr(callback, "children"):  # the MLflow tracker
+                    callback.on_trial_start(0, [trial], trial)
+                    callback.on_trial_result(0, [trial], trial, _result(1, 10.0))
+            raise RuntimeError("the driver crashed")
+
+    monkeypatch.setattr(running, "make_tuner", lambda plan, scheduler, cbs: CrashingTuner(cbs))
+    with pytest.raises(RuntimeError, match="the driver crashed"):
+        running.execute(plan)
+    client = MlflowClient(plan.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
+    assert len(runs) == 2
+    assert {r.info.status for r in runs} == {"KILLED"}
