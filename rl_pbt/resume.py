@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from ray.tune.experiment import Trial
 
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import Plan, Tracking
-from rl_pbt.records import TRIALS_FILE, read_json, read_jsonl
+from rl_pbt.records import TRIALS_FILE, read_json, read_jsonl, write_json
 
 RUN_INFO = "run.json"
 
@@ -82,6 +83,19 @@ def resumed_plan(plan: Plan, point: ResumePoint) -> Plan:
                                                tracking["experiment_name"]))
     return replace(plan, command=point.command or plan.command,
                    choices=point.choices or plan.choices)
+
+
+def record_resume(point: ResumePoint, ray_cluster: dict[str, Any] | None) -> None:
+    """Add this resume to ``run.json``: when, from which iterations, and on which Ray cluster
+    (the first part's nodes stay under ``ray``; a resume may run on other machines)."""
+    path = point.run_dir / RUN_INFO
+    info = read_json(path)
+    info.setdefault("resumes", []).append({
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "last_iteration": point.last_iteration,
+        "ray": ray_cluster,
+    })
+    write_json(info, path)
 
 
 class Repeats(Callback):

@@ -11,14 +11,13 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
 from rl_pbt import cluster, envs
 from rl_pbt import resume as resuming
 from rl_pbt.algorithms import import_object
-from rl_pbt.analysis.report import Report, write_report
 from rl_pbt.cli import discard_empty_output_dir
 from rl_pbt.errors import ConfigError, Interrupted
 from rl_pbt.plan import Plan
@@ -31,6 +30,9 @@ from rl_pbt.stopping import PlanStopper
 from rl_pbt.summary import build_summary, format_summary, run_info, write_summary
 from rl_pbt.tracking import MlflowTracker, check_reachable, ui_command
 from rl_pbt.trainable import pbt_trainable
+
+if TYPE_CHECKING:
+    from rl_pbt.analysis.report import Report
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,8 @@ def execute(
     if resumed is None:  # with the tracking ids a resumed run needs to continue the same runs
         record = {"tracking": _tracking_record(plan, tracking)} if tracking else {}
         write_json({**run_info(plan, ray_used), **record}, plan.output_dir / RUN_INFO)
+    else:
+        resuming.record_resume(resumed, ray_used)
     ctrl_c = CtrlC()
     callbacks = [ctrl_c, repeats, recorder, progress, *([tracker] if tracker else [])]
     try:
@@ -158,7 +162,12 @@ def _tracking_record(plan: Plan, tracking: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_report(plan: Plan) -> Report | None:
-    """Plots and report of the run; a run where no episode finished has nothing to plot."""
+    """Plots and report of the run; a run where no episode finished has nothing to plot.
+
+    Imported here: matplotlib is ~0.6 s of start-up that the first result need not wait for.
+    """
+    from rl_pbt.analysis.report import write_report
+
     try:
         return write_report(plan.output_dir)
     except ConfigError as err:

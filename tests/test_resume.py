@@ -90,13 +90,19 @@ def test_killed_run_resumes_to_the_end(tmp_path):
 
 def _resume_to_the_end(tmp_path: Path, run_dir: Path, db: Path, stopped_at: float) -> None:
     """Resume the stopped run from another folder; check the records, PBT and MLflow after."""
-    rows_before = len(read_jsonl(run_dir / TRIALS_FILE))
+    before = read_jsonl(run_dir / TRIALS_FILE)
+    rows_before = len(before)
     elsewhere = tmp_path / "elsewhere"  # the saved store is found from any directory
     elsewhere.mkdir()
     done = run_cli([f"resume={run_dir}"], cwd=elsewhere)
     (tmp_path / "resume.log").write_text(done.stdout + done.stderr)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = read_json(run_dir / "summary.json")
+    resumes = read_json(run_dir / "run.json")["resumes"]
+    assert [r["ray"]["origin"] for r in resumes] == ["started"]
+    assert resumes[0]["last_iteration"] == {  # what was recorded when the run stopped
+        t: max(r["training_iteration"] for r in before if r["trial_id"] == t)
+        for t in {r["trial_id"] for r in before}}
 
     # Every trial trained to the end, and its records continue without a gap or a repeat: the
     # next iteration, or the one after the clone's checkpoint right after an exploit.
