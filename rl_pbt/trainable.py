@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import time
 from functools import cache
 from typing import Any
 
@@ -96,7 +97,9 @@ def _local_learner(algo: Any) -> Any:
 
 
 def _instrument(algo: Any) -> None:
-    """Record, at each update, the lr the optimizer steps with and the clip_param the loss uses."""
+    """Record, at each update, the lr the optimizer steps with and the clip_param the loss uses,
+    and the seconds the in-process env runner spends sampling."""
+    _time_sampling(algo)
     learner = _local_learner(algo)
     if learner is None:
         return
@@ -118,6 +121,25 @@ def _instrument(algo: Any) -> None:
 
     learner.apply_gradients = recording_apply
     learner.compute_loss_for_module = recording_loss
+
+
+def _time_sampling(algo: Any) -> None:
+    """Add ``sample_s`` to the probe: sampling time alone, the part a bare env loop compares
+    with (``scripts/benchmark.py``). Only where sampling runs in this process."""
+    runner = algo.env_runner if algo.config.num_env_runners == 0 else None
+    if runner is None:
+        return
+    probe = algo._probe
+    sample = runner.sample
+
+    def timed_sample(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return sample(*args, **kwargs)
+        finally:
+            probe["sample_s"] = probe.get("sample_s", 0.0) + time.perf_counter() - started
+
+    runner.sample = timed_sample
 
 
 def _apply_scheduled_lr(learner: Any, env_steps: int) -> None:

@@ -7,9 +7,12 @@
    same search (population, mutations, PBT, budget) with RLlib's and Tune's defaults: RLlib's own
    PPO class (a new process at every exploit, ``reuse_actors=False``), one env per remote env
    runner, RLlib's 256x256 network. Median and spread over the seeds, and the ratio.
-2. PBT efficiency: sum over trials of training time / (wall time x concurrent trial slots).
-3. Throughput: env steps per second of training of one trial, against a bare loop of the same
-   vectorised env and policy network with no learning (the physical limit here).
+2. PBT efficiency: sum over trials of training time / (wall time x concurrent trial slots); also
+   over the span from the first iteration's start to the last result (no process start or end).
+3. Throughput: env steps per second of one trial, against a bare loop of the same vectorised
+   env and policy network with no learning (the physical limit here): per second of training
+   (sampling and learning) and per second of sampling alone (the trial's own timer, in-process
+   env runners only).
 4. Start-up: seconds from launch to the first trial result, rl_pbt against a plain Ray Tune
    script that starts the same trials (``scripts/plain_tune.py``).
 
@@ -66,17 +69,30 @@ def measure_run(args: list[str], budget: float) -> dict[str, Any]:
     slots = int(re.search(r"(\d+) trials? trains? at once", stdout)[1])
     solved = [r["recorded_at"] for r in rows if (r.get("return") or -1e9) >= TARGET]
     train_s = sum(r.get("time_this_iter_s") or 0.0 for r in rows)
-    steps = sum(r["env_steps"] / r["training_iteration"] for r in rows if r.get("env_steps"))
+    steps = sum(_iteration_steps(r) for r in rows)
+    sampled = [r for r in rows if (r.get("probe") or {}).get("sample_s")]
+    sample_s = sum(r["probe"]["sample_s"] for r in sampled)
+    # Training span: from the start of the first iteration to the last result.
+    span = max(r["recorded_at"] for r in rows) - min(
+        r["recorded_at"] - (r.get("time_this_iter_s") or 0.0) for r in rows)
     return {
         "wall_s": ended - started,
         "solve_s": min(solved) - started if solved else None,
         "first_result_s": min(r["recorded_at"] for r in rows) - started,
         "efficiency": train_s / ((ended - started) * slots),
+        "span_efficiency": train_s / (span * slots),
         "trial_steps_per_s": steps / train_s if train_s else None,
+        "sampling_steps_per_s": (sum(_iteration_steps(r) for r in sampled) / sample_s
+                                 if sample_s else None),
         "slots": slots,
         "exploits": stdout.count("[pbt]"),
         "best_return": max((r.get("return") or -1e9) for r in rows),
     }
+
+
+def _iteration_steps(row: dict[str, Any]) -> float:
+    """Env steps of one iteration (lifetime steps over iterations: the batch size, on average)."""
+    return row["env_steps"] / row["training_iteration"] if row.get("env_steps") else 0.0
 
 
 def bare_loop(num_envs: int = 16, hidden: tuple[int, ...] = (64, 64), seconds: float = 5.0,
@@ -169,6 +185,7 @@ def write_results(out: Path, runs: dict, startup: dict, bare: float, args: Any) 
     solve_ratio = (_ratio(ray_solve, ours_solve) if ray_solve
                    else f"> {_ratio(args.budget, ours_solve)} (budget / ours)")
     trial = median([r["trial_steps_per_s"] for r in ours])
+    sampling = median([r["sampling_steps_per_s"] for r in ours])
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {machine}; {args.seeds} seeds, budget "
@@ -183,11 +200,16 @@ def write_results(out: Path, runs: dict, startup: dict, bare: float, args: Any) 
         f"| PBT efficiency (training s / (wall s x slots)) | "
         f"{spread([r['efficiency'] for r in ours], 2)} | "
         f"{spread([r['efficiency'] for r in ray], 2)} | |",
-        f"| one trial's env steps/s while training | "
+        f"| the same, between the first and the last result only | "
+        f"{spread([r['span_efficiency'] for r in ours], 2)} | "
+        f"{spread([r['span_efficiency'] for r in ray], 2)} | |",
+        f"| one trial's env steps/s while training (sampling + learning) | "
         f"{spread([r['trial_steps_per_s'] for r in ours])} | "
-        f"{spread([r['trial_steps_per_s'] for r in ray])} | |",
-        f"| bare loop (16 envs + 64x64 MLP, no learning), steps/s | {bare:.0f} | | "
-        f"{_ratio(trial, bare)} of it |",
+        f"{spread([r['trial_steps_per_s'] for r in ray])} | {_ratio(trial, bare)} of bare |",
+        f"| one trial's env steps/s while sampling (no learning, as the bare loop) | "
+        f"{spread([r['sampling_steps_per_s'] for r in ours])} | "
+        f"{spread([r['sampling_steps_per_s'] for r in ray])} | {_ratio(sampling, bare)} of bare |",
+        f"| bare loop (16 envs + 64x64 MLP, no learning), steps/s | {bare:.0f} | | |",
         f"| start-up: launch to first trial result, s | {spread(startup['rl_pbt'])} | "
         f"plain Tune script: {spread(startup['plain_tune'])} | "
         f"{_ratio(median(startup['rl_pbt']), median(startup['plain_tune']))} |",

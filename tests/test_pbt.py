@@ -37,6 +37,16 @@ def test_exploits_happen(pbt_run):
     assert (out / "tune" / "pbt_global.txt").exists()
 
 
+def test_every_iteration_times_its_sampling(pbt_run):
+    """``probe.sample_s``: the in-process env runner's sampling time, part of the iteration's
+    (the benchmark's sampling throughput), also after an exploit rebuilt the runner."""
+    _, _, out = pbt_run
+    rows = read_jsonl(out / TRIALS_FILE)
+    assert any(r["probe"]["restored"] for r in rows)
+    for row in rows:
+        assert 0 < row["probe"]["sample_s"] < row["time_this_iter_s"]
+
+
 def test_exploit_trains_with_new_values_from_the_clones_weights(pbt_run):
     """Read inside the trial: optimizer lr and loss clip_param after an exploit are the new
     config's, and the weights at the start of the next iteration are the clone's."""
