@@ -7,7 +7,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from rl_pbt.cli import CONF_DIR, check_group_options, discard_empty_output_dir, fail
+from rl_pbt.cli import (
+    CONF_DIR,
+    check_group_options,
+    check_override_keys,
+    discard_empty_output_dir,
+    fail,
+)
 from rl_pbt.errors import ConfigError, Interrupted
 
 
@@ -30,4 +36,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     check_group_options(sys.argv[1:])
+    check_override_keys(sys.argv[1:])
     main()

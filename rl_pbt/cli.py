@@ -96,3 +96,93 @@ def check_group_options(argv: list[str]) -> None:
                 fail(ConfigError(
                     f"{group}={option}: no such option; {hint}choose from {', '.join(known)}"
                 ))
+
+
+_KEY_OVERRIDE = re.compile(r"^(?P<path>[A-Za-z_][\w-]*(?:\.[\w-]+)*)=")
+
+
+def check_override_keys(argv: list[str]) -> None:
+    """Reject ``a.b=value`` overrides of keys the picked options do not have, as one line.
+
+    Hydra refuses them too, in four lines and a hint about HYDRA_FULL_ERROR. Checked against
+    the YAML files of the options picked on the command line (or by default); a run that
+    picks an ``experiment`` (which may change anything) is left to Hydra, as are option files
+    composed from other groups.
+    """
+    if any(arg.split("=")[0].lstrip("+~") == "experiment" for arg in argv):
+        return
+    chosen = _chosen_options(argv)
+    for arg in argv:
+        match = _KEY_OVERRIDE.match(arg)
+        if not match:  # +key=..., ~key, and Hydra's richer grammar
+            continue
+        path = match["path"].split(".")
+        if path[0] == "hydra" or (len(path) == 1 and (CONF_DIR / path[0]).is_dir()):
+            continue
+        if (CONF_DIR / path[0]).is_dir():
+            for option in chosen.get(path[0], []):
+                _check_key(_option_tree(path[0], option), path[1:], arg,
+                           f"{path[0]}={option}", path[0])
+        else:
+            _check_key(_option_tree(None, "config"), path, arg, "the config", "")
+
+
+def _check_key(tree: Any, keys: list[str], arg: str, where: str, prefix: str) -> None:
+    """Fail when ``keys`` leaves ``tree`` (a dict of one option's YAML) at a missing key."""
+    for depth, key in enumerate(keys):
+        if not isinstance(tree, dict):
+            return  # a value Hydra will judge (a list, null, a scalar)
+        if key not in tree:
+            known = sorted(str(k) for k in tree if k != "defaults")
+            name = ".".join(([prefix] if prefix else []) + keys[: depth + 1])
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            fail(ConfigError(
+                f"{name}: no such key in {where}; {hint}it has {', '.join(known) or 'none'} "
+                f"(+{arg} adds a new key)"))
+        tree = tree[key]
+
+
+def _chosen_options(argv: list[str]) -> dict[str, list[str]]:
+    """Group -> the options this command line runs with: its ``group=a,b`` or the default."""
+    import yaml
+
+    root = yaml.safe_load((CONF_DIR / "config.yaml").read_text()) or {}
+    chosen: dict[str, list[str]] = {}
+    for entry in root.get("defaults", []):
+        if isinstance(entry, dict):
+            for group, option in entry.items():
+                chosen[group] = [option] if option else []
+    for arg in argv:
+        match = _SIMPLE_CHOICE.match(arg)
+        if match and (CONF_DIR / match["group"]).is_dir():
+            chosen[match["group"]] = [o for o in match["options"].split(",") if o != "null"]
+    return chosen
+
+
+def _option_tree(group: str | None, option: str) -> Any:
+    """An option's keys (``defaults`` entries of its own group merged in), or None when it
+    is composed from elsewhere (then Hydra checks it)."""
+    import yaml
+
+    folder = CONF_DIR / group if group else CONF_DIR
+    path = folder / f"{option}.yaml"
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    if "@package" in text:
+        return None
+    tree = yaml.safe_load(text) or {}
+    if group is None:
+        tree = {**tree, **{g: None for g in _chosen_options([])}}  # group names are keys too
+    merged: dict[str, Any] = {}
+    for entry in tree.pop("defaults", []) if group else []:
+        if not isinstance(entry, str):
+            return None
+        if entry != "_self_":
+            base = _option_tree(group, entry)
+            if base is None:
+                return None
+            merged.update(base)
+    merged.update(tree)
+    return merged

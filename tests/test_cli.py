@@ -5,8 +5,9 @@ from __future__ import annotations
 import socket
 
 import pytest
-from conftest import run_cli
+from conftest import TINY, run_cli
 
+from rl_pbt.cli import check_override_keys
 from rl_pbt.resolve import GROUPS
 
 BAD_INPUT = [
@@ -21,6 +22,20 @@ BAD_INPUT = [
     (["mutations=seed", "mutations.hyperparams.lr=[]"], "values is empty"),
     (["algorithm.config.minibatch_size=4096"], "is larger than the largest"),
     (["population=1"], "population: PBT needs at least 2 trials, got 1"),
+    (["checkpoint.frequncy=2"], "checkpoint.frequncy: no such key in the config; did you mean "
+                                "'frequency'?"),
+    (["-m", "scheduler=pbt,random", "scheduler.perturbation_interval=2"],
+     "scheduler.perturbation_interval: no such key in scheduler=random; it has name"),
+]
+
+#: Overrides the README and the tests use: the key check before Hydra lets them all through.
+GOOD_OVERRIDES = [
+    [*TINY, "scheduler=pb2"], ["stopper=wall_time", "stopper.max_seconds=45"],
+    ["stopper=env_steps", "stopper.max_env_steps=1000"], ["tracking.tracking_uri=sqlite:///x"],
+    ["resources=cluster", "resources.address=127.0.0.1:6379"], ["env=pendulum", "mutations=wide"],
+    ["algorithm.config._model_config.fcnet_hiddens=[32]", "checkpoint.frequency=2", "seed=5"],
+    ["experiment=seed", "stopper.max_iterations=3"], ["hydra.run.dir=/tmp/x", "resume=/tmp/x"],
+    ["+env.env_config.size=3", "mutations=seed", "mutations.hyperparams.lr=[0.1]"],
 ]
 
 
@@ -44,6 +59,11 @@ def test_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
     _assert_one_line_error(proc, message)
     assert not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("args", GOOD_OVERRIDES)
+def test_known_keys_pass_the_key_check(args):
+    check_override_keys(args)  # exits on a key it does not know
 
 
 def test_unreachable_tracking_server_fails_before_training(tmp_path):
