@@ -68,8 +68,8 @@ class RecordingExploits(ExploitListeners):
         # The scheduler's own state holds the result being processed (trial.last_result is one
         # behind) and, for the clone, the result its checkpoint was taken at.
         iteration = (self._trial_state[trial].last_result or {}).get("training_iteration", 0)
-        source_iteration = (self._trial_state[trial_to_clone].last_result or {}).get(
-            "training_iteration", 0)
+        source_iteration = source_checkpoint_iteration(
+            trial_to_clone, self._trial_state[trial_to_clone].last_result)
         saving = trial.is_saving
         super()._exploit(tune_controller, trial, trial_to_clone)  # type: ignore[misc]
         if saving:
@@ -100,6 +100,21 @@ class RecordingExploits(ExploitListeners):
             if self._next_perturbation_sync <= latest:
                 self._next_perturbation_sync = latest + self._perturbation_interval
         return decision
+
+
+def source_checkpoint_iteration(clone: Trial, last_result: Mapping[str, Any] | None) -> int:
+    """The iteration of the checkpoint an exploit copies from ``clone``.
+
+    PBT copies a paused clone's newest checkpoint (``trial.checkpoint``), and otherwise the
+    one it saves at the clone's current result (``last_result``). After a resume the two differ:
+    the fresh scheduler has seen fewer results than the restored clone has checkpoints.
+    """
+    iteration = (last_result or {}).get("training_iteration", 0)
+    if clone.status == Trial.PAUSED and not clone.is_saving:
+        latest = clone.latest_checkpoint_result
+        if latest is not None and latest.checkpoint is not None:
+            iteration = latest.metrics.get("training_iteration", iteration)
+    return int(iteration)
 
 
 def _drop_stale_stop(tune_controller: Any, trial: Trial) -> None:
