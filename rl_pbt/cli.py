@@ -99,17 +99,22 @@ def check_group_options(argv: list[str]) -> None:
 
 
 _KEY_OVERRIDE = re.compile(r"^(?P<path>[A-Za-z_][\w-]*(?:\.[\w-]+)*)=")
+#: Flags that load another primary config: keys are then not conf/config.yaml's.
+_OTHER_CONFIG = ("--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp")
 
 
 def check_override_keys(argv: list[str]) -> None:
     """Reject ``a.b=value`` overrides of keys the picked options do not have, as one line.
 
     Hydra refuses them too, in four lines and a hint about HYDRA_FULL_ERROR. Checked against
-    the YAML files of the options picked on the command line (or by default); a run that
-    picks an ``experiment`` (which may change anything) is left to Hydra, as are option files
-    composed from other groups.
+    the YAML files of the options picked on the command line (or by default). Whatever this
+    cannot read as Hydra would is left to Hydra: another primary config, an ``experiment``
+    (it may change anything), package overrides (``@``), a group picked with a sweep function
+    such as ``choice()`` or ``glob()``, and option files composed from other groups.
     """
-    if any(arg.split("=")[0].lstrip("+~") == "experiment" for arg in argv):
+    keys = [arg.split("=")[0] for arg in argv]
+    if any(k.startswith(_OTHER_CONFIG) or "@" in k or k.lstrip("+~") == "experiment"
+           for k in keys):
         return
     chosen = _chosen_options(argv)
     for arg in argv:
@@ -119,50 +124,69 @@ def check_override_keys(argv: list[str]) -> None:
         path = match["path"].split(".")
         if path[0] == "hydra" or (len(path) == 1 and (CONF_DIR / path[0]).is_dir()):
             continue
-        if (CONF_DIR / path[0]).is_dir():
-            for option in chosen.get(path[0], []):
-                _check_key(_option_tree(path[0], option), path[1:], arg,
-                           f"{path[0]}={option}", path[0])
-        else:
-            _check_key(_option_tree(None, "config"), path, arg, "the config", "")
+        if not (CONF_DIR / path[0]).is_dir():
+            _check_key(_option_tree(None, "config"), path, "the config", [])
+            continue
+        options = chosen.get(path[0]) or []
+        trees = {option: _option_tree(path[0], option) for option in options}
+        for option, tree in trees.items():
+            others = [o for o, t in trees.items() if o != option and _has(t, path[1:])]
+            _check_key(tree, path, f"{path[0]}={option}", others)
 
 
-def _check_key(tree: Any, keys: list[str], arg: str, where: str, prefix: str) -> None:
-    """Fail when ``keys`` leaves ``tree`` (a dict of one option's YAML) at a missing key."""
-    for depth, key in enumerate(keys):
+def _has(tree: Any, keys: list[str]) -> bool:
+    for key in keys:
+        if not isinstance(tree, dict) or key not in tree:
+            return False
+        tree = tree[key]
+    return True
+
+
+def _check_key(tree: Any, path: list[str], where: str, swept_with_it: list[str]) -> None:
+    """Fail when ``path`` (after its group, if any) meets a key missing from ``tree``."""
+    group = path[0] if where != "the config" else None
+    for depth, key in enumerate(path[1:] if group else path):
         if not isinstance(tree, dict):
-            return  # a value Hydra will judge (a list, null, a scalar)
+            return  # a value Hydra will judge (a list, null, a scalar), or an unread option
         if key not in tree:
             known = sorted(str(k) for k in tree if k != "defaults")
-            name = ".".join(([prefix] if prefix else []) + keys[: depth + 1])
+            name = ".".join(path[: depth + (2 if group else 1)])
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            fail(ConfigError(
-                f"{name}: no such key in {where}; {hint}it has {', '.join(known) or 'none'} "
-                f"(+{arg} adds a new key)"))
+            if close:
+                hint = f"did you mean {close[0]!r}?"
+            elif swept_with_it:
+                hint = (f"{' and '.join(f'{group}={o}' for o in swept_with_it)} has it: sweep "
+                        f"{where} separately without it")
+            else:
+                hint = f"it has {', '.join(known) or 'no keys'}"
+            fail(ConfigError(f"{name}: no such key in {where}; {hint}"))
         tree = tree[key]
 
 
-def _chosen_options(argv: list[str]) -> dict[str, list[str]]:
-    """Group -> the options this command line runs with: its ``group=a,b`` or the default."""
+def _chosen_options(argv: list[str]) -> dict[str, list[str] | None]:
+    """Group -> the options this command line runs with (its ``group=a,b`` or the default);
+    None for a group picked in a way read here only by Hydra (``choice()``, ``glob()``...)."""
     import yaml
 
     root = yaml.safe_load((CONF_DIR / "config.yaml").read_text()) or {}
-    chosen: dict[str, list[str]] = {}
+    chosen: dict[str, list[str] | None] = {}
     for entry in root.get("defaults", []):
         if isinstance(entry, dict):
             for group, option in entry.items():
                 chosen[group] = [option] if option else []
     for arg in argv:
         match = _SIMPLE_CHOICE.match(arg)
+        group = arg.split("=")[0].lstrip("+~")
         if match and (CONF_DIR / match["group"]).is_dir():
             chosen[match["group"]] = [o for o in match["options"].split(",") if o != "null"]
+        elif "=" in arg and "." not in group and (CONF_DIR / group).is_dir():
+            chosen[group] = None
     return chosen
 
 
 def _option_tree(group: str | None, option: str) -> Any:
-    """An option's keys (``defaults`` entries of its own group merged in), or None when it
-    is composed from elsewhere (then Hydra checks it)."""
+    """An option's keys (``defaults`` entries of its own group merged in, as Hydra merges), or
+    None when it is composed from elsewhere (then Hydra checks it)."""
     import yaml
 
     folder = CONF_DIR / group if group else CONF_DIR
@@ -175,14 +199,25 @@ def _option_tree(group: str | None, option: str) -> Any:
     tree = yaml.safe_load(text) or {}
     if group is None:
         tree = {**tree, **{g: None for g in _chosen_options([])}}  # group names are keys too
+        tree.pop("defaults", None)
+        return tree
     merged: dict[str, Any] = {}
-    for entry in tree.pop("defaults", []) if group else []:
+    for entry in tree.pop("defaults", []):
         if not isinstance(entry, str):
             return None
         if entry != "_self_":
             base = _option_tree(group, entry)
             if base is None:
                 return None
-            merged.update(base)
-    merged.update(tree)
+            _merge(merged, base)
+    _merge(merged, tree)
     return merged
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    """Deep merge, as OmegaConf merges an option onto its defaults."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value

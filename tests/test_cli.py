@@ -24,8 +24,10 @@ BAD_INPUT = [
     (["population=1"], "population: PBT needs at least 2 trials, got 1"),
     (["checkpoint.frequncy=2"], "checkpoint.frequncy: no such key in the config; did you mean "
                                 "'frequency'?"),
-    (["-m", "scheduler=pbt,random", "scheduler.perturbation_interval=2"],
+    (["scheduler=random", "scheduler.perturbation_interval=2"],
      "scheduler.perturbation_interval: no such key in scheduler=random; it has name"),
+    (["-m", "scheduler=pbt,random", "scheduler.perturbation_interval=2"],
+     "no such key in scheduler=random; scheduler=pbt has it: sweep scheduler=random separately"),
 ]
 
 #: Overrides the README and the tests use: the key check before Hydra lets them all through.
@@ -36,6 +38,10 @@ GOOD_OVERRIDES = [
     ["algorithm.config._model_config.fcnet_hiddens=[32]", "checkpoint.frequency=2", "seed=5"],
     ["experiment=seed", "stopper.max_iterations=3"], ["hydra.run.dir=/tmp/x", "resume=/tmp/x"],
     ["+env.env_config.size=3", "mutations=seed", "mutations.hyperparams.lr=[0.1]"],
+    # Picks only Hydra reads: left to Hydra.
+    ["-m", "scheduler=choice(asha)", "scheduler.grace_period=8"],
+    ["-m", "mutations=glob(wide)", "mutations.hyperparams.entropy_coeff.high=0.05"],
+    ["--config-name=other", "some.key=1"], ["+env@other=pendulum", "other.id=Pendulum-v1"],
 ]
 
 
