@@ -30,6 +30,7 @@ from rl_pbt.stopping import PlanStopper
 from rl_pbt.summary import build_summary, format_summary, run_info, write_summary
 from rl_pbt.tracking import MlflowTracker, check_reachable, ui_command
 from rl_pbt.trainable import pbt_trainable
+from rl_pbt.values import first_line
 
 if TYPE_CHECKING:
     from rl_pbt.analysis.report import Report
@@ -118,19 +119,17 @@ def execute(
     if resumed is None:  # with the tracking ids a resumed run needs to continue the same runs
         record = {"tracking": _tracking_record(plan, tracking)} if tracking else {}
         write_json({**run_info(plan, ray_used), **record}, plan.output_dir / RUN_INFO)
-    else:
-        resuming.record_resume(resumed, ray_used)
     ctrl_c = CtrlC()
     callbacks = [ctrl_c, repeats, recorder, progress, *([tracker] if tracker else [])]
     try:
         if resumed:
             tuner = restore_tuner(plan, scheduler, callbacks)
+            resuming.record_resume(resumed, ray_used)
         else:
             tuner = make_tuner(plan, scheduler, callbacks)
         results = tuner.fit()
         if ctrl_c.caught:
-            if tracker:
-                tracker.killed()
+            _mark_killed(tracker)
             raise Interrupted(f"interrupted; the state is saved. Continue with: "
                               f"{resuming.resume_command(plan.output_dir)}")
         # From the records, not scheduler.events: a resumed run counts the first part too.
@@ -142,8 +141,7 @@ def execute(
     except Interrupted:
         raise
     except BaseException:
-        if tracker:  # never leave the parent or a child run RUNNING
-            tracker.killed()
+        _mark_killed(tracker)  # never leave the parent or a child run RUNNING
         raise
     if tracker:
         tracker.close(summary, artifacts=report.paths() if report else [])
@@ -151,6 +149,16 @@ def execute(
     if report:
         print(f"report       {report.markdown}", flush=True)
     return summary
+
+
+def _mark_killed(tracker: MlflowTracker | None) -> None:
+    """Mark the MLflow runs KILLED; if MLflow fails too, warn and let the first error speak."""
+    if tracker is None:
+        return
+    try:
+        tracker.killed()
+    except Exception as err:  # the error being raised matters more
+        log.warning("the MLflow runs were not marked KILLED: %s", first_line(err))
 
 
 def _tracking_record(plan: Plan, tracking: Mapping[str, Any]) -> dict[str, Any]:

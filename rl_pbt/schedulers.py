@@ -117,7 +117,7 @@ def source_checkpoint_iteration(clone: Trial, last_result: Mapping[str, Any] | N
     return int(iteration)
 
 
-def _drop_stale_stop(tune_controller: Any, trial: Trial) -> None:
+def _drop_stale_stop(tune_controller: Any, trial: Trial) -> bool:
     """Forget the STOP that Ray caches when synchronous PBT exploits a trial that is saving.
 
     In synchronous mode a trial waits for the others with a pause-save in flight; when the last
@@ -126,12 +126,14 @@ def _drop_stale_stop(tune_controller: Any, trial: Trial) -> None:
     still cached, and the next periodic checkpoint after its exploit runs the STOP: the trial
     ends TERMINATED mid-run (Ray issue #57906, PR #61448 not merged; reproduced here with a
     two-trial synch run and ``checkpoint.frequency`` 1). The trial is already paused, and the
-    save that decision waited for will never come, so the decision is dropped.
+    save that decision waited for will never come, so the decision is dropped (True).
     """
     controller = getattr(tune_controller, "_tune_controller", tune_controller)
-    cached = getattr(controller, "_cached_trial_decisions", {})
+    cached = controller._cached_trial_decisions  # an AttributeError if Ray renames it
     if trial.status == Trial.PAUSED and cached.get(trial.trial_id) == TrialScheduler.STOP:
         del cached[trial.trial_id]
+        return True
+    return False
 
 
 class RecordingPBT(RecordingExploits, PopulationBasedTraining):
