@@ -124,8 +124,8 @@ def _instrument(algo: Any) -> None:
 
 
 def _time_sampling(algo: Any) -> None:
-    """Add ``sample_s`` to the probe: sampling time alone, the part a bare env loop compares
-    with (``scripts/benchmark.py``). Only where sampling runs in this process."""
+    """Add ``sample_s`` and ``sampled_steps`` to the probe: sampling alone, the part a bare env
+    loop compares with (``scripts/benchmark.py``). Only where sampling runs in this process."""
     runner = algo.env_runner if algo.config.num_env_runners == 0 else None
     if runner is None:
         return
@@ -134,10 +134,10 @@ def _time_sampling(algo: Any) -> None:
 
     def timed_sample(*args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
-        try:
-            return sample(*args, **kwargs)
-        finally:
-            probe["sample_s"] = probe.get("sample_s", 0.0) + time.perf_counter() - started
+        episodes = sample(*args, **kwargs)
+        probe["sample_s"] = probe.get("sample_s", 0.0) + time.perf_counter() - started
+        probe["sampled_steps"] = probe.get("sampled_steps", 0) + sum(map(len, episodes))
+        return episodes
 
     runner.sample = timed_sample
 

@@ -38,13 +38,14 @@ def test_exploits_happen(pbt_run):
 
 
 def test_every_iteration_times_its_sampling(pbt_run):
-    """``probe.sample_s``: the in-process env runner's sampling time, part of the iteration's
-    (the benchmark's sampling throughput), also after an exploit rebuilt the runner."""
+    """``probe.sample_s`` and ``sampled_steps``: the in-process env runner's sampling time and
+    steps (the benchmark's sampling throughput), also after an exploit rebuilt the runner."""
     _, _, out = pbt_run
     rows = read_jsonl(out / TRIALS_FILE)
     assert any(r["probe"]["restored"] for r in rows)
-    for row in rows:
+    for row in rows:  # TINY: a batch of 400 steps from 4 envs (a double count would be 800)
         assert 0 < row["probe"]["sample_s"] < row["time_this_iter_s"]
+        assert 400 <= row["probe"]["sampled_steps"] < 440
 
 
 def test_exploit_trains_with_new_values_from_the_clones_weights(pbt_run):
