@@ -1,13 +1,12 @@
 """Composed Hydra config -> :class:`~rl_pbt.plan.Plan`. The only module that reads OmegaConf.
 
-Every key and value is checked here, before Ray or MLflow is touched, so that bad input ends
-in one :class:`~rl_pbt.errors.ConfigError` and nothing half-written.
+Every key and value is checked here (the scheduler's knobs by :mod:`rl_pbt.scheduler_options`),
+before Ray or MLflow is touched, so that bad input ends in one
+:class:`~rl_pbt.errors.ConfigError` and nothing half-written.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,30 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from rl_pbt.algorithms import AlgorithmSpec, algorithm_spec, import_object, translate_keys
-from rl_pbt.distributions import Choice, Distribution, as_distribution
+from rl_pbt.distributions import Distribution, as_distribution
 from rl_pbt.envs import make_from_entry_point
 from rl_pbt.errors import ConfigError
-from rl_pbt.plan import EnvSpec, Plan, Resources, SchedulerSpec, StopRule, Tracking
-from rl_pbt.values import finite, first_line
+from rl_pbt.plan import EnvSpec, Plan, Resources, StopRule, Tracking
+from rl_pbt.scheduler_options import DRAW_ONCE, is_number, resolve_scheduler
+from rl_pbt.values import first_line
 
 GROUPS = ("env", "algorithm", "mutations", "scheduler", "stopper", "resources", "tracking")
-SCHEDULERS = ("pbt", "pb2", "asha", "random", "fifo")
-PBT_OPTIONS = ("time_attr", "perturbation_interval", "burn_in_period", "quantile_fraction",
-               "resample_probability", "perturbation_factors", "log_config", "synch")
-#: What ``ray.tune.schedulers.pb2.PB2`` takes of PBT's knobs (it picks values, never resamples).
-PB2_OPTIONS = ("time_attr", "perturbation_interval", "quantile_fraction", "log_config", "synch")
-ASHA_OPTIONS = ("time_attr", "max_t", "grace_period", "reduction_factor")
-#: Each scheduler's name in messages and the options it accepts (fifo ignores any).
-SCHEDULER_OPTIONS = {"pbt": ("PBT", PBT_OPTIONS), "pb2": ("PB2", PB2_OPTIONS),
-                     "asha": ("ASHA", ASHA_OPTIONS), "random": ("random search", ())}
-#: Schedulers whose trials draw every mutated key once, whatever ``mutations.start`` says:
-#: their search is that draw.
-DRAW_ONCE = ("random", "asha")
-#: Modules PB2 imports beyond Ray, and the package that provides each.
-PB2_MODULES = {"sklearn": "scikit-learn"}
-#: Result keys that grow with training: PBT's clock.
-TIME_ATTRS = ("training_iteration", "time_total_s", "num_env_steps_sampled_lifetime",
-              "env_runners/num_env_steps_sampled_lifetime")
 #: ``azureml`` is MLflow on an AzureML job's workspace (URI from the job's environment).
 TRACKING_BACKENDS = ("mlflow", "azureml", "none")
 
@@ -257,115 +240,6 @@ def _first_draw(param_space: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.sample() if hasattr(v, "sample") else v for k, v in param_space.items()}
 
 
-def resolve_scheduler(
-    scheduler: Mapping[str, Any], population: int,
-    mutations: Mapping[str, Distribution] | None = None,
-) -> SchedulerSpec:
-    """Check the scheduler's knobs with messages that say what is accepted.
-
-    Args:
-        scheduler: the ``scheduler`` group as plain data.
-        population: trials; PBT and PB2 need two to exploit.
-        mutations: the mutated keys, which PB2 needs as numeric ranges.
-    """
-    name = scheduler.get("name")
-    if name not in SCHEDULERS:
-        raise ConfigError(f"scheduler.name: unknown {name!r}; known: {', '.join(SCHEDULERS)}")
-    if name == "fifo":
-        return SchedulerSpec(name, {})
-    options = {k: v for k, v in scheduler.items() if k != "name"}
-    label, allowed = SCHEDULER_OPTIONS[name]
-    _check_known_options(options, label, allowed)
-    if name in ("pbt", "pb2") and population < 2:
-        raise ConfigError(f"population: {label} needs at least 2 trials, got {population}")
-    if name == "pb2":
-        _check_pb2_ready(mutations or {})
-    if name == "asha":
-        _check_asha(options)
-    elif allowed:
-        _check_pbt(options, allowed)
-    return SchedulerSpec(name, options)
-
-
-def _check_known_options(options: Mapping[str, Any], label: str, allowed: tuple[str, ...]) -> None:
-    for key in options:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            known = f"known: {', '.join(allowed)}" if allowed else "it takes none"
-            article = "an" if label[0] in "AEIOU" else "a"
-            raise ConfigError(f"scheduler.{key}: not {article} {label} option; {hint}{known}")
-
-
-def _check_time_attr(options: Mapping[str, Any]) -> None:
-    if options.get("time_attr") not in TIME_ATTRS:
-        raise ConfigError(f"scheduler.time_attr: unknown {options.get('time_attr')!r}; "
-                          f"choose from {', '.join(TIME_ATTRS)}")
-
-
-def _check_pbt(options: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    """PBT's knobs, or the subset PB2 takes; every one the scheduler accepts must be set."""
-    _check_time_attr(options)
-    for key in ("log_config", "synch"):
-        if not isinstance(options.get(key), bool):
-            raise ConfigError(f"scheduler.{key}: must be true or false, got {options.get(key)!r}")
-    _check_number(options, "perturbation_interval", low=0, low_open=True)
-    _check_number(options, "quantile_fraction", low=0, high=0.5, low_open=True)
-    if "burn_in_period" in allowed:
-        _check_number(options, "burn_in_period", low=0)
-    if "resample_probability" in allowed:
-        _check_number(options, "resample_probability", low=0, high=1)
-    if "perturbation_factors" in allowed:
-        factors = options.get("perturbation_factors")
-        if not (isinstance(factors, list) and factors and all(_is_number(f) for f in factors)):
-            raise ConfigError(
-                f"scheduler.perturbation_factors: a list of numbers, got {factors!r}")
-        options["perturbation_factors"] = tuple(factors)
-
-
-def _check_pb2_ready(mutations: Mapping[str, Distribution]) -> None:
-    """PB2 fits a Gaussian process over numeric ranges: no lists or choices, and scikit-learn."""
-    for key, dist in mutations.items():
-        if isinstance(dist, Choice):
-            raise ConfigError(
-                f"mutations.hyperparams.{key}: scheduler=pb2 needs numeric ranges (Uniform, "
-                f"LogUniform, RandInt, LogRandInt), got a {type(dist).__name__}; use "
-                "scheduler=pbt for lists and choices")
-    missing = [package for module, package in PB2_MODULES.items()
-               if importlib.util.find_spec(module) is None]
-    if missing:
-        raise ConfigError(
-            f"scheduler=pb2 needs {' and '.join(missing)}: pip install -e \".[pb2]\"")
-
-
-def _check_asha(options: dict[str, Any]) -> None:
-    """ASHA's knobs, with the ranges Ray's ``AsyncHyperBandScheduler`` asserts."""
-    _check_time_attr(options)
-    _check_number(options, "max_t", low=0, low_open=True)
-    _check_number(options, "grace_period", low=0, low_open=True)
-    _check_number(options, "reduction_factor", low=1, low_open=True)
-    if options["grace_period"] > options["max_t"]:
-        raise ConfigError(f"scheduler.grace_period: must be <= scheduler.max_t "
-                          f"({options['max_t']}), got {options['grace_period']}")
-
-
-def _is_number(value: Any) -> bool:
-    return finite(value) is not None
-
-
-def _check_number(
-    options: Mapping[str, Any], key: str, low: float, high: float | None = None,
-    low_open: bool = False,
-) -> None:
-    value = options.get(key)
-    too_low = _is_number(value) and (value <= low if low_open else value < low)
-    too_high = _is_number(value) and high is not None and value > high
-    if not _is_number(value) or too_low or too_high:
-        interval = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}" + (
-            "]" if high is not None else ")")
-        raise ConfigError(f"scheduler.{key}: must be a number in {interval}, got {value!r}")
-
-
 def resolve_stop(plain: Mapping[str, Any], env: EnvSpec) -> StopRule:
     """The stop rule: iterations, return target, env-step and wall-time budgets."""
     stop = plain["stopper"]
@@ -374,10 +248,10 @@ def resolve_stop(plain: Mapping[str, Any], env: EnvSpec) -> StopRule:
         raise ConfigError(f"mode: must be 'max' or 'min', got {mode!r}")
     for key in ("max_iterations", "max_env_steps", "max_seconds"):
         value = stop.get(key)
-        if value is not None and (not _is_number(value) or value <= 0):
+        if value is not None and (not is_number(value) or value <= 0):
             raise ConfigError(f"stopper.{key}: must be a positive number or null, got {value!r}")
     target = stop.get("target_return")
-    if target is not None and not _is_number(target):
+    if target is not None and not is_number(target):
         raise ConfigError(f"stopper.target_return: must be a number or null, got {target!r}")
     return StopRule(
         metric=str(plain["metric"]),

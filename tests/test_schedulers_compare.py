@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, TINY, compose_config, config_error
 from ray.tune.search.sample import Domain
 
-from rl_pbt import resolve as resolve_module
+from rl_pbt import scheduler_options
 from rl_pbt.algorithms import ppo_invariants
 from rl_pbt.distributions import LogRandInt, LogUniform, RandInt, Uniform
 from rl_pbt.errors import ConfigError
@@ -94,7 +94,7 @@ def test_bad_scheduler_input_is_one_config_error(overrides, message, tmp_path):
 
 
 def test_pb2_without_scikit_learn_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(resolve_module, "PB2_MODULES", {"no_such_module_rl_pbt": "scikit-learn"})
+    monkeypatch.setattr(scheduler_options, "PB2_MODULES", {"no_such_module_rl_pbt": "scikit-learn"})
     with pytest.raises(ConfigError) as caught:
         plan_for(["scheduler=pb2"], tmp_path)
     assert str(caught.value) == 'scheduler=pb2 needs scikit-learn: pip install -e ".[pb2]"'
