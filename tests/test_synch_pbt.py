@@ -3,7 +3,10 @@
 Ray caches a STOP for a trial that synchronous PBT exploits while its pause-save is running, and
 the next periodic checkpoint runs it (Ray #57906). With Ray's own ``PopulationBasedTraining`` the
 setup below ends one trial at iteration 3 of 8 (3 of 3 runs here); rl_pbt's scheduler must not.
-A cheap Trainable with a slow save makes the race certain in a few seconds, without RLlib.
+A cheap Trainable makes the race certain in seconds, without RLlib: the worse trial steps fast
+and reports first at each perturbation point, and its pause-save there takes 4 s, so the better
+trial reports (and PBT exploits the worse one) while that save is in flight, whatever the
+actors' start-up stagger.
 """
 
 from __future__ import annotations
@@ -25,18 +28,18 @@ def slow_save_trainable() -> type:
     this test module)."""
 
     class SlowSave(tune.Trainable):
-        """Adds ``rate`` per step; saving takes a second, so the other trial reports meanwhile."""
+        """Adds ``rate`` per step; a slow save where PBT pauses it to wait for the other."""
 
         def setup(self, config: dict) -> None:
             self.total = 0.0
 
         def step(self) -> dict:
-            time.sleep(0.05)
+            time.sleep(0.05 if self.config["rate"] < 1 else 0.6)  # the worse trial is first
             self.total += self.config["rate"]
             return {"score": self.total}
 
         def save_checkpoint(self, checkpoint_dir: str) -> None:
-            time.sleep(1.0)
+            time.sleep(4.0 if self.iteration % 2 == 0 else 0.1)  # slow at perturbation points
             (Path(checkpoint_dir) / "state.json").write_text(json.dumps({"total": self.total}))
 
         def load_checkpoint(self, checkpoint_dir: str) -> None:
