@@ -1,6 +1,6 @@
-"""Kill a tuning run (PBT, and PB2) with SIGKILL and resume it: the same Tune experiment and MLflow runs go on,
-PBT keeps exploring, and every iteration is recorded exactly once. Ctrl-C stops cleanly and
-says how to resume."""
+"""Kill a tuning run (PBT, and PB2) with SIGKILL and resume it: the same Tune experiment and
+MLflow runs go on, PBT keeps exploring, and every iteration is recorded exactly once. Ctrl-C
+stops cleanly, says how to resume, and the run resumes to the end."""
 
 from __future__ import annotations
 
