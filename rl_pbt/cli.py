@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -116,7 +116,9 @@ def check_override_keys(argv: list[str]) -> None:
     if any(k.startswith(_OTHER_CONFIG) or "@" in k or k.lstrip("+~") == "experiment"
            for k in keys):
         return
-    chosen = _chosen_options(argv)
+    root = _parse_yaml((CONF_DIR / "config.yaml").read_text())
+    chosen = _chosen_options(argv, root.pop("defaults", []))
+    root.update(dict.fromkeys(chosen))  # each group's name is a key of the composed config
     for arg in argv:
         match = _KEY_OVERRIDE.match(arg)
         if not match:  # +key=..., ~key, and Hydra's richer grammar
@@ -125,13 +127,13 @@ def check_override_keys(argv: list[str]) -> None:
         if path[0] == "hydra" or (len(path) == 1 and (CONF_DIR / path[0]).is_dir()):
             continue
         if not (CONF_DIR / path[0]).is_dir():
-            _check_key(_option_tree(None, "config"), path, "the config", [])
+            _check_key(root, path, "the config")
             continue
-        options = chosen.get(path[0]) or []
-        trees = {option: _option_tree(path[0], option) for option in options}
+        group, options = path[0], chosen.get(path[0]) or []
+        trees = {option: _option_tree(group, option) for option in options}
         for option, tree in trees.items():
             others = [o for o, t in trees.items() if o != option and _has(t, path[1:])]
-            _check_key(tree, path, f"{path[0]}={option}", others)
+            _check_key(tree, path[1:], f"{group}={option}", group, others)
 
 
 def _has(tree: Any, keys: list[str]) -> bool:
@@ -142,15 +144,15 @@ def _has(tree: Any, keys: list[str]) -> bool:
     return True
 
 
-def _check_key(tree: Any, path: list[str], where: str, swept_with_it: list[str]) -> None:
-    """Fail when ``path`` (after its group, if any) meets a key missing from ``tree``."""
-    group = path[0] if where != "the config" else None
-    for depth, key in enumerate(path[1:] if group else path):
+def _check_key(tree: Any, keys: list[str], where: str, group: str | None = None,
+               swept_with_it: Sequence[str] = ()) -> None:
+    """Fail when ``keys`` (below ``group``, if any) meet a key missing from ``tree``."""
+    for depth, key in enumerate(keys):
         if not isinstance(tree, dict):
             return  # a value Hydra will judge (a list, null, a scalar), or an unread option
         if key not in tree:
-            known = sorted(str(k) for k in tree if k != "defaults")
-            name = ".".join(path[: depth + (2 if group else 1)])
+            known = sorted(str(k) for k in tree)
+            name = ".".join([*([group] if group else []), *keys[: depth + 1]])
             close = difflib.get_close_matches(key, known, n=1)
             if close:
                 hint = f"did you mean {close[0]!r}?"
@@ -163,14 +165,12 @@ def _check_key(tree: Any, path: list[str], where: str, swept_with_it: list[str])
         tree = tree[key]
 
 
-def _chosen_options(argv: list[str]) -> dict[str, list[str] | None]:
-    """Group -> the options this command line runs with (its ``group=a,b`` or the default);
-    None for a group picked in a way read here only by Hydra (``choice()``, ``glob()``...)."""
-    import yaml
-
-    root = yaml.safe_load((CONF_DIR / "config.yaml").read_text()) or {}
+def _chosen_options(argv: list[str], defaults: list[Any]) -> dict[str, list[str] | None]:
+    """Group -> the options this command line runs with (its ``group=a,b``, or the default
+    from ``defaults``, config.yaml's list); None for a group picked in a way read here only by
+    Hydra (``choice()``, ``glob()``...)."""
     chosen: dict[str, list[str] | None] = {}
-    for entry in root.get("defaults", []):
+    for entry in defaults:
         if isinstance(entry, dict):
             for group, option in entry.items():
                 chosen[group] = [option] if option else []
@@ -184,23 +184,22 @@ def _chosen_options(argv: list[str]) -> dict[str, list[str] | None]:
     return chosen
 
 
-def _option_tree(group: str | None, option: str) -> Any:
-    """An option's keys (``defaults`` entries of its own group merged in, as Hydra merges), or
-    None when it is composed from elsewhere (then Hydra checks it)."""
+def _parse_yaml(text: str) -> dict[str, Any]:
     import yaml
 
-    folder = CONF_DIR / group if group else CONF_DIR
-    path = folder / f"{option}.yaml"
+    return yaml.safe_load(text) or {}
+
+
+def _option_tree(group: str, option: str) -> dict[str, Any] | None:
+    """An option's keys (``defaults`` entries of its own group merged in, as Hydra merges), or
+    None when it is composed from elsewhere (then Hydra checks it)."""
+    path = CONF_DIR / group / f"{option}.yaml"
     if not path.is_file():
         return None
     text = path.read_text()
     if "@package" in text:
         return None
-    tree = yaml.safe_load(text) or {}
-    if group is None:
-        tree = {**tree, **{g: None for g in _chosen_options([])}}  # group names are keys too
-        tree.pop("defaults", None)
-        return tree
+    tree = _parse_yaml(text)
     merged: dict[str, Any] = {}
     for entry in tree.pop("defaults", []):
         if not isinstance(entry, str):
