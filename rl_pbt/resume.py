@@ -23,9 +23,10 @@ from omegaconf import OmegaConf
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from rl_pbt.analysis.lineage import RunRecords
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import Plan, Tracking
-from rl_pbt.records import TRIALS_FILE, read_json, read_jsonl, write_json
+from rl_pbt.records import read_json, write_json
 
 RUN_INFO = "run.json"
 
@@ -64,11 +65,26 @@ def load_resume(run_dir: Path) -> tuple[Any, ResumePoint]:
     cfg = OmegaConf.create(info["config"])
     cfg.seed = info["seed"]
     cfg.resume = None
-    last: dict[str, int] = {}
-    for row in read_jsonl(run_dir / TRIALS_FILE):
-        last[row["trial_id"]] = max(last.get(row["trial_id"], 0), row["training_iteration"])
-    return cfg, ResumePoint(run_dir, last, info.get("tracking"), info.get("command", ""),
+    return cfg, ResumePoint(run_dir, last_recorded(RunRecords.load(run_dir)),
+                            info.get("tracking"), info.get("command", ""),
                             info.get("choices", {}))
+
+
+def last_recorded(records: RunRecords) -> dict[str, int]:
+    """Each trial's last recorded iteration of the history it goes on with after a restore.
+
+    That is its latest result, not its highest iteration: an exploit rewinds a trial to the
+    clone's checkpoint, and the iterations it trains after that are new. An exploit recorded
+    after a trial's latest result (the kill came before the next one) rewinds it too, to the
+    clone's checkpoint iteration.
+    """
+    finals = records.final_rows()
+    last = {trial_id: int(row["training_iteration"]) for trial_id, row in finals.items()}
+    for event in sorted(records.exploits, key=lambda e: e["wall_time"]):
+        row = finals.get(event["trial_id"])
+        if row is not None and event["wall_time"] > row["recorded_at"]:
+            last[event["trial_id"]] = int(event["source_iteration"])
+    return last
 
 
 def resumed_plan(plan: Plan, point: ResumePoint) -> Plan:

@@ -5,6 +5,7 @@ stops cleanly, says how to resume, and the run resumes to the end."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -167,3 +168,27 @@ def test_resume_takes_no_other_overrides(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("rl_pbt: error: resume: a resumed run keeps its saved "
                                    "config; drop population=3")
+
+
+def test_resume_point_is_each_trials_latest_iteration_after_any_rewind(tmp_path):
+    """An exploit rewinds a trial to the clone's checkpoint: what it trains after that is new,
+    so the resume point is the latest recorded iteration, not the highest."""
+    from rl_pbt.records import write_json
+    from rl_pbt.resume import load_resume
+
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "tuner.pkl").write_bytes(b"")
+    write_json({"config": {"seed": 1, "resume": None}, "seed": 1}, tmp_path / "run.json")
+    clock = itertools.count(1.0)
+    rows = [("a", i) for i in range(1, 11)] + [("b", i) for i in range(1, 7)] + [("c", 3)]
+    lines = [{"trial_id": t, "training_iteration": i, "recorded_at": next(clock)}
+             for t, i in rows]
+    exploits = [{"trial_id": "a", "source_iteration": 8, "wall_time": next(clock)}]
+    lines.append({"trial_id": "a", "training_iteration": 9, "recorded_at": next(clock)})
+    exploits.append({"trial_id": "b", "source_iteration": 4, "wall_time": next(clock)})
+    for name, records in ((TRIALS_FILE, lines), (EXPLOITS_FILE, exploits)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    _, point = load_resume(tmp_path)
+    # a: 10 before the exploit, 9 after it; b: cloned iteration 4 after its last row (6).
+    assert point.last_iteration == {"a": 9, "b": 4, "c": 3}
