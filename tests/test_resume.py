@@ -1,4 +1,4 @@
-"""Kill a tuning run (PBT, and PB2) with SIGKILL and resume it: the same Tune experiment and
+"""Kill a tuning run with SIGKILL and resume it: the same Tune experiment and
 MLflow runs go on, PBT keeps exploring, and every iteration is recorded exactly once. Ctrl-C
 stops cleanly, says how to resume, and the run resumes to the end."""
 
@@ -55,10 +55,10 @@ def _mlflow_runs(db: Path):
     return client, parents, children
 
 
-def _first_run(tmp_path: Path, *extra: str) -> tuple[Path, Path, subprocess.Popen]:
+def _first_run(tmp_path: Path) -> tuple[Path, Path, subprocess.Popen]:
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
     proc = _start(run_dir, tmp_path / "first.log", [
-        *ARGS, *extra, f"hydra.run.dir={run_dir}", f"tracking.tracking_uri=sqlite:///{db}"])
+        *ARGS, f"hydra.run.dir={run_dir}", f"tracking.tracking_uri=sqlite:///{db}"])
     _wait_for_rows(run_dir, 7, proc)
     return run_dir, db, proc
 
@@ -80,18 +80,16 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes_to_the_end(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheduler", ["pbt", "pb2"])
-def test_killed_run_resumes_to_the_end(tmp_path, scheduler):
-    run_dir, db, proc = _first_run(tmp_path, f"scheduler={scheduler}")
+def test_killed_run_resumes_to_the_end(tmp_path):
+    run_dir, db, proc = _first_run(tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     killed_at = time.time()
 
-    _resume_to_the_end(tmp_path, run_dir, db, killed_at, [f"scheduler={scheduler}"])
+    _resume_to_the_end(tmp_path, run_dir, db, killed_at)
 
 
-def _resume_to_the_end(tmp_path: Path, run_dir: Path, db: Path, stopped_at: float,
-                       extra: tuple[str, ...] | list[str] = ()) -> None:
+def _resume_to_the_end(tmp_path: Path, run_dir: Path, db: Path, stopped_at: float) -> None:
     """Resume the stopped run from another folder; check the records, PBT and MLflow after."""
     before = read_jsonl(run_dir / TRIALS_FILE)
     rows_before = len(before)
@@ -118,7 +116,7 @@ def _resume_to_the_end(tmp_path: Path, run_dir: Path, db: Path, stopped_at: floa
 
     # PBT kept exploring after the resume, inside the configured ranges (Ray's known restore
     # bug left resampled values at 0 or 1).
-    plan = resolve(compose_config([*ARGS, *extra]), tmp_path / "check")
+    plan = resolve(compose_config(ARGS), tmp_path / "check")
     later = [e for e in read_jsonl(run_dir / EXPLOITS_FILE) if e["wall_time"] > stopped_at]
     assert later, "no exploit after the resume"
     for event in later:
