@@ -118,9 +118,7 @@ class MlflowTracker(Callback):
         parent = self.client.get_run(parent_id)
         self.parent_id, self.experiment_id = parent_id, parent.info.experiment_id
         self.client.update_run(parent_id, status="RUNNING")
-        children = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.{PARENT_TAG} = '{parent_id}'")
-        for child in children:
+        for child in child_runs(self.client, self.experiment_id, parent_id):
             trial_id = child.data.tags.get("rl_pbt.trial_id")
             if not trial_id:
                 continue
@@ -245,6 +243,12 @@ class MlflowTracker(Callback):
             self.client.set_terminated(run_id, "KILLED")
         self.running.clear()
         self.close(None, "KILLED")
+
+
+def child_runs(client: Any, experiment_id: str, parent_id: str) -> list[Any]:
+    """The runs nested under ``parent_id`` (trials, and evaluations or replays of the run)."""
+    return client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                              max_results=5000)
 
 
 def _log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_pbt.stopping import target_reached
-from rl_pbt.tracking import PARENT_TAG, RESULT_METRICS
+from rl_pbt.tracking import RESULT_METRICS, child_runs
 
 SWEEP_TAG = "rl_pbt.sweep"
 JOB_TAG = "rl_pbt.sweep_job"
@@ -89,9 +89,7 @@ def time_to_target(client: Any, parent: Any, summary: Mapping[str, Any] | None) 
     if target is None:
         return "no target"
     metric = RESULT_METRICS.get(summary.get("metric", ""))
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
-                                  max_results=5000)
+    children = child_runs(client, parent.info.experiment_id, parent.info.run_id)
     if metric is None or not children:
         return "unknown"
     stamps = [m.timestamp for child in children

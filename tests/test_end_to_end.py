@@ -8,6 +8,8 @@ import json
 import pytest
 from conftest import TINY, run_cli
 
+from rl_pbt.tracking import child_runs
+
 pytestmark = pytest.mark.slow
 
 
@@ -31,9 +33,7 @@ def test_default_run_ends_with_an_actionable_summary(tmp_path):
     client = _client(tmp_path)
     parent = client.get_run(summary["tracking"]["parent_run_id"])
     assert parent.info.status == "FINISHED"
-    children = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = child_runs(client, parent.info.experiment_id, parent.info.run_id)
     assert len(children) == 4
     assert all(c.info.status == "FINISHED" for c in children)
 

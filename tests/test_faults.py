@@ -12,6 +12,7 @@ from rl_pbt.faults import FlakyEnv, trial_index
 from rl_pbt.records import FAILURES_FILE, TRIALS_FILE, read_jsonl
 from rl_pbt.resolve import resolve
 from rl_pbt.run import execute
+from rl_pbt.tracking import child_runs
 
 ITERATIONS = 6
 
@@ -70,9 +71,7 @@ def test_trial_that_keeps_failing_is_reported_and_the_other_finishes(
 
     client = MlflowClient(mlflow_server)
     parent = summary["tracking"]["parent_run_id"]
-    children = client.search_runs(
-        [summary["tracking"]["experiment_id"]],
-        filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    children = child_runs(client, summary["tracking"]["experiment_id"], parent)
     status = {c.data.tags["rl_pbt.trial_id"]: c.info.status for c in children}
     assert status == {failed[0]["trial_id"]: "FAILED", healthy[0]["trial_id"]: "FINISHED"}
     error_tag = next(c.data.tags.get("rl_pbt.error") for c in children

@@ -9,6 +9,7 @@ from conftest import TINY, compose_config
 from rl_pbt.records import EXPLOITS_FILE, TRIALS_FILE, read_jsonl
 from rl_pbt.resolve import resolve
 from rl_pbt.run import execute
+from rl_pbt.tracking import child_runs
 
 pytestmark = pytest.mark.slow
 
@@ -90,8 +91,7 @@ def test_mlflow_has_parent_children_schedule_and_exploits(pbt_run, mlflow_server
     assert parent.data.tags["best.trial_id"] == summary["best"]["trial_id"]
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"config.yaml", "summary.json"} <= artifacts
-    children = client.search_runs(
-        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    children = child_runs(client, parent.info.experiment_id, parent_id)
     assert len(children) == plan.population
     exploited = 0
     for child in children:

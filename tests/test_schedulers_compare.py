@@ -31,6 +31,7 @@ from rl_pbt.schedulers import (
     pb2_bounds,
     restore_dropped,
 )
+from rl_pbt.tracking import child_runs
 
 #: PB2's Gaussian process, fitted on the few points of a tiny run, warns that it barely converged.
 pytestmark = [pytest.mark.filterwarnings("ignore:The optimal value found"),
@@ -337,9 +338,8 @@ def test_pb2_exploits_change_values_and_keep_integers(sweep_runs):
     for row in rows:
         assert type(row["hyperparameters"]["num_epochs"]) is int
     client = MlflowClient(uri)
-    children = client.search_runs(
-        [client.get_run(summary["tracking"]["parent_run_id"]).info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{summary['tracking']['parent_run_id']}'")
+    parent_id = summary["tracking"]["parent_run_id"]
+    children = child_runs(client, client.get_run(parent_id).info.experiment_id, parent_id)
     tags = [k for c in children for k in c.data.tags if k.startswith("rl_pbt.exploit.")]
     assert len(tags) == len(events)  # the MLflow listener heard every exploit
 
