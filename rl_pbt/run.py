@@ -28,7 +28,7 @@ from rl_pbt.resume import RUN_INFO, CtrlC, Repeats, ResumePoint
 from rl_pbt.schedulers import Scheduler, build_scheduler
 from rl_pbt.stopping import PlanStopper
 from rl_pbt.summary import build_summary, format_summary, run_info, write_summary
-from rl_pbt.tracking import MlflowTracker, check_reachable, ui_command
+from rl_pbt.tracking import JOB_TAG, SWEEP_TAG, MlflowTracker, check_reachable, ui_command
 from rl_pbt.trainable import pbt_trainable
 from rl_pbt.values import first_line
 
@@ -83,8 +83,7 @@ def hydra_info(output_dir: Path | None) -> dict[str, Any]:
     info["overrides"] = overrides
     info["command"] = " ".join(["python -m rl_pbt", *overrides])
     if hc.mode == RunMode.MULTIRUN:
-        info["tags"] = {"rl_pbt.sweep": str(Path(hc.sweep.dir).resolve()),
-                        "rl_pbt.sweep_job": str(hc.job.num)}
+        info["tags"] = {SWEEP_TAG: str(Path(hc.sweep.dir).resolve()), JOB_TAG: str(hc.job.num)}
     return info
 
 

@@ -27,6 +27,9 @@ from rl_pbt.stopping import ENV_STEPS, result_value
 from rl_pbt.values import finite
 
 PARENT_TAG = "mlflow.parentRunId"
+#: Tags of a parent run made in a Hydra sweep (``-m``): the sweep folder and the job number.
+SWEEP_TAG = "rl_pbt.sweep"
+JOB_TAG = "rl_pbt.sweep_job"
 #: Result keys logged as metrics at every iteration, under these names.
 RESULT_METRICS = {
     "env_runners/episode_return_mean": "episode_return_mean",

@@ -33,10 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from rl_pbt.stopping import target_reached
-from rl_pbt.tracking import RESULT_METRICS, child_runs
+from rl_pbt.tracking import JOB_TAG, RESULT_METRICS, SWEEP_TAG, child_runs
 
-SWEEP_TAG = "rl_pbt.sweep"
-JOB_TAG = "rl_pbt.sweep_job"
 OUTPUT_NAME = "compare_schedulers"
 COLUMNS = ("job", "scheduler", "env", "best return", "time to target, s",
            "env steps (best trial)", "wall time, s", "status")

@@ -109,18 +109,3 @@ def test_mlflow_has_parent_children_schedule_and_exploits(pbt_run, mlflow_server
             assert any(a.path == "exploits" for a in client.list_artifacts(child.info.run_id))
     assert exploited >= 1
 
-
-def test_the_exploit_names_the_iteration_of_the_checkpoint_it_copies():
-    """A paused clone is copied from its newest checkpoint, which after a resume is newer than
-    the last result the fresh scheduler saw; a running clone saves at its current result."""
-    from types import SimpleNamespace
-
-    from ray.tune.experiment import Trial
-
-    from rl_pbt.schedulers import source_checkpoint_iteration
-
-    newest = SimpleNamespace(checkpoint=object(), metrics={"training_iteration": 7})
-    paused = SimpleNamespace(status=Trial.PAUSED, is_saving=False, latest_checkpoint_result=newest)
-    running = SimpleNamespace(status=Trial.RUNNING, is_saving=True, latest_checkpoint_result=newest)
-    assert source_checkpoint_iteration(paused, {"training_iteration": 6}) == 7
-    assert source_checkpoint_iteration(running, {"training_iteration": 6}) == 6

@@ -356,3 +356,19 @@ def test_compare_script_on_the_tiny_sweep(sweep_runs):
         assert float(row["wall time, s"]) > 0
         assert row["time to target, s"] == "not reached" or float(row["time to target, s"]) > 0
     assert paths[0].parent == sweep and paths[0].read_text() == table
+
+
+def test_the_exploit_names_the_iteration_of_the_checkpoint_it_copies():
+    """A paused clone is copied from its newest checkpoint, which after a resume is newer than
+    the last result the fresh scheduler saw; a running clone saves at its current result."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from rl_pbt.schedulers import source_checkpoint_iteration
+
+    newest = SimpleNamespace(checkpoint=object(), metrics={"training_iteration": 7})
+    paused = SimpleNamespace(status=Trial.PAUSED, is_saving=False, latest_checkpoint_result=newest)
+    running = SimpleNamespace(status=Trial.RUNNING, is_saving=True, latest_checkpoint_result=newest)
+    assert source_checkpoint_iteration(paused, {"training_iteration": 6}) == 7
+    assert source_checkpoint_iteration(running, {"training_iteration": 6}) == 6

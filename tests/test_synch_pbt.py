@@ -15,12 +15,14 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from ray import tune
 
 from rl_pbt import schedulers
 from rl_pbt.schedulers import RecordingPBT
 
 ITERATIONS = 8
+pytestmark = pytest.mark.slow  # a real Tune run with 4 s saves
 
 
 def slow_save_trainable() -> type:

@@ -119,7 +119,7 @@ def test_a_crash_mid_run_leaves_no_mlflow_run_running(plan, ray_session, monkeyp
         def fit(self):
             trial = StandInTrial("a", {"lr": 1e-4})
             for callback in self.callbacks:
-                if hasattr(callback, "children"):  # the MLflow tracker
+                if isinstance(callback, MlflowTracker):
                     callback.on_trial_start(0, [trial], trial)
                     callback.on_trial_result(0, [trial], trial, _result(1, 10.0))
             raise RuntimeError("the driver crashed")
