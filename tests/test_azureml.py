@@ -6,7 +6,6 @@ the launcher and tracking tests need only the project.
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
 import socket
 import sys
@@ -15,7 +14,7 @@ from types import ModuleType
 
 import pytest
 import yaml
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, load_script
 from packaging.requirements import Requirement
 
 from rl_pbt.errors import ConfigError
@@ -27,16 +26,12 @@ WORKSPACE_URI = ("azureml://westeurope.api.azureml.ms/mlflow/v1.0/subscriptions/
                  "resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/ws")
 
 
-def load_script(name: str) -> ModuleType:
-    """Import ``scripts/azureml/NAME.py`` (scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(f"azureml_{name}", AZUREML_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while building
-    spec.loader.exec_module(module)
-    return module
+def azureml_script(name: str) -> ModuleType:
+    """``scripts/azureml/NAME.py`` as a module."""
+    return load_script(AZUREML_DIR / f"{name}.py", f"azureml_{name}")
 
 
-start_ray = load_script("start_ray")
+start_ray = azureml_script("start_ray")
 
 
 @pytest.fixture
@@ -290,7 +285,7 @@ def test_job_environment_is_the_docker_context_here(azure_ml):
 
 
 def test_submit_applies_the_command_line_to_the_job(azure_ml):
-    submit = load_script("submit")
+    submit = azureml_script("submit")
     overrides = ["population=8", "mutations.hyperparams.lr=[1e-4,1e-3]"]
     job = submit.build_job(JOB_FILE, overrides, compute="big-cpus", instances=4,
                            experiment="pbt-sweep")
@@ -302,7 +297,7 @@ def test_submit_applies_the_command_line_to_the_job(azure_ml):
 
 
 def test_submit_needs_a_workspace():
-    submit = load_script("submit")
+    submit = azureml_script("submit")
     with pytest.raises(SystemExit):
         submit.parse_args(["--compute", "cpu-cluster"])
     args = submit.parse_args(["--config", "config.json", "--", "env=acrobot", "-m"])

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, compose_config, run_cli
+from conftest import ROOT, TINY, compose_config, free_port, free_ports, run_cli
 
 from rl_pbt.cluster import MISSING, gcs_unreachable, join_address, ray_reason
 from rl_pbt.errors import ConfigError
@@ -47,18 +47,6 @@ LONGER_ITERATIONS = ["algorithm.config.train_batch_size_per_learner=4000",
                      "scheduler.perturbation_interval=3"]
 
 
-def _free_ports(count: int) -> list[int]:
-    """Distinct free ports on 127.0.0.1: all bound at once, so none repeats."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _bindable(port: int) -> bool:
     with socket.socket() as sock:
         try:
@@ -70,7 +58,7 @@ def _bindable(port: int) -> bool:
 
 def _free_port_range(count: int, taken: set[int]) -> int:
     """The first of ``count`` consecutive free ports, below Linux's ephemeral range (32768+)
-    from which ``_free_ports`` draws, so a node's workers never collide with the other ports."""
+    from which ``free_ports`` draws, so a node's workers never collide with the other ports."""
     for _ in range(200):
         first = random.randrange(20000, 32768 - count)
         span = set(range(first, first + count))
@@ -87,7 +75,7 @@ def _node_flags(taken: set[int], head: bool = False) -> list[str]:
     flags = list(NODE_PORT_FLAGS)
     if head and importlib.util.find_spec("grpc") is not None:
         flags.append("ray-client-server-port")
-    ports = dict(zip(flags, _free_ports(len(flags)), strict=True))
+    ports = dict(zip(flags, free_ports(len(flags)), strict=True))
     first = _free_port_range(WORKER_PORTS, taken | set(ports.values()))
     taken.update(ports.values(), range(first, first + WORKER_PORTS))
     return [*(f"--{flag}={port}" for flag, port in ports.items()),
@@ -206,7 +194,7 @@ def two_node_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
            "RL_PBT_TEST_CLUSTER": marker}
     env.pop("RAY_ADDRESS", None)
     temp_dir, owned = _temp_dir(tmp_path)
-    [port] = _free_ports(1)
+    port = free_port()
     taken = {port}
     procs: list[subprocess.Popen] = []
     try:
@@ -255,7 +243,7 @@ def test_a_run_on_a_two_node_cluster_trains_on_both_nodes(two_node_cluster, tmp_
 
 
 def test_an_unreachable_address_is_one_line_and_fast(tmp_path):
-    [port] = _free_ports(1)  # nothing listens there
+    port = free_port()  # nothing listens there
     started = time.monotonic()
     proc = run_cli(["resources=cluster", f"resources.address=127.0.0.1:{port}",
                     "tracking=none"], cwd=tmp_path, timeout=120)
@@ -312,7 +300,7 @@ def test_cluster_option_reads_ray_address(monkeypatch, tmp_path):
 
 
 def test_gcs_probe_tells_a_dead_port_from_a_port_that_is_not_ray():
-    [port] = _free_ports(1)
+    port = free_port()
     assert gcs_unreachable("127.0.0.1", port, timeout=2) == (
         "connection refused (nothing listens on that port)")
     with socket.socket() as silent:  # accepts connections (kernel backlog), never answers

@@ -7,13 +7,12 @@ runs with known values.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, TINY, compose_config, config_error
+from conftest import ROOT, TINY, compose_config, config_error, load_script
 from ray.tune.search.sample import Domain
 
 from rl_pbt import scheduler_options
@@ -43,12 +42,8 @@ def plan_for(overrides: list[str], tmp_path: Path):
 
 
 def load_compare_script():
-    """``scripts/compare_schedulers.py`` as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "compare_schedulers", ROOT / "scripts" / "compare_schedulers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """``scripts/compare_schedulers.py`` as a module."""
+    return load_script(ROOT / "scripts" / "compare_schedulers.py", "compare_schedulers")
 
 
 # -- resolution -------------------------------------------------------------------------------
