@@ -42,13 +42,16 @@ def trial_rows(plan: Plan, results: Any, exploits: Mapping[str, int]) -> list[di
     retries = Counter(f["trial_id"] for f in failures if f["retried"])
     errors = {trial_id_of(r.path): first_line(r.error) for r in results if r.error}
     errors.update({f["trial_id"]: f["error"] for f in failures if not f["retried"]})
-    finals = RunRecords.load(plan.output_dir).final_rows()
+    records = RunRecords.load(plan.output_dir)
+    finals = records.final_rows()
     rows = []
     for trial_id in sorted(set(finals) | {t for t in errors if t}):
         last = finals.get(trial_id, {})
+        scored = records.last_scored(trial_id) or {}
         rows.append({
             "trial_id": trial_id,
-            "return": finite(last.get("return")),
+            "return": finite(scored.get("return")),
+            "return_iteration": scored.get("training_iteration"),
             "env_steps": finite(last.get("env_steps")),
             "iterations": last.get("training_iteration"),
             "hyperparameters": last.get("hyperparameters", {}),
@@ -136,6 +139,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         ]
     for row in summary["trials"]:
         score = "n/a" if row["return"] is None else f"{row['return']:.1f}"
+        if row["return"] is not None and row.get("return_iteration") != row["iterations"]:
+            score += f" (at iteration {row['return_iteration']})"
         status = f"  FAILED: {row['error']}" if row["error"] else ""
         if row.get("retries"):
             status = f", {row['retries']} retried failures" + status

@@ -86,3 +86,14 @@ def test_records_load_from_a_run_folder(tmp_path):
     assert records.trial_ids() == ["a"] and records.exploits == []
     with pytest.raises(KeyError, match="no results for trial 'z'"):
         lineage(records, "z")
+
+
+def test_last_scored_skips_iterations_without_a_finished_episode():
+    """a finished no episode in iteration 3 (a long episode spans iterations): its return is
+    iteration 2's. b was exploited after its last scored row: its agent has no return yet."""
+    rows = [row("a", 1, 1, 0.1, 20.0), row("a", 2, 2, 0.1, 480.0), row("a", 3, 3, 0.1, None),
+            row("b", 1, 1, 0.2, 30.0), row("b", 2, 2, 0.2, None), row("b", 3, 3.5, 0.5, None)]
+    records = RunRecords(rows, [exploit("b", "a", 2.5, 0.2, 0.5, 2)])
+    assert records.last_scored("a")["training_iteration"] == 2
+    assert records.last_scored("b") is None
+    assert [r["trial_id"] for r in records.scored_rows()] == ["a"]

@@ -67,6 +67,28 @@ class RunRecords:
             last[row["trial_id"]] = row
         return last
 
+    def last_scored(self, trial_id: str) -> dict[str, Any] | None:
+        """The trial's latest row with a finite return, if its agent has not been replaced since.
+
+        An iteration in which no episode finished reports no return (a 500-step CartPole episode
+        spans several iterations), so the last row alone would show a trained trial as unscored.
+        A return from before the trial's latest exploit belonged to the agent it discarded.
+        """
+        scored = [r for r in self.rows_of(trial_id) if finite(r.get("return")) is not None]
+        if not scored:
+            return None
+        row = max(scored, key=_time)
+        exploited = [e for e in self.exploits if e["trial_id"] == trial_id]
+        if exploited and max(e["wall_time"] for e in exploited) > _time(row):
+            return None
+        return row
+
+
+    def scored_rows(self) -> list[dict[str, Any]]:
+        """Each trial's :meth:`last_scored` row, for trials that have one."""
+        rows = (self.last_scored(t) for t in self.trial_ids())
+        return [r for r in rows if r is not None]
+
 
 def best_of(rows: Sequence[dict[str, Any]], mode: str) -> dict[str, Any] | None:
     """The row with the best finite ``return``; None when no row has one."""

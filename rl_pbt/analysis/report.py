@@ -49,8 +49,8 @@ def load_info(run_dir: Path) -> dict[str, Any]:
 
 
 def best_trial(records: RunRecords, mode: str) -> str:
-    """The trial whose final result scores best (picked as ``summary.json`` picks it)."""
-    best = best_of(list(records.final_rows().values()), mode)
+    """The trial whose latest return is best (picked as ``summary.json`` picks it)."""
+    best = best_of(records.scored_rows(), mode)
     if best is None:
         raise ConfigError("no trial reported a return (no episode finished); nothing to report")
     return best["trial_id"]
@@ -64,8 +64,9 @@ def write_report(run_dir: Path) -> Report:
     segments = lineage(records, best)
     schedule = winning_schedule(segments)
     final = records.final_rows()[best]
+    scored = records.last_scored(best) or final
     schedule_json = write_json({
-        "trial_id": best, "return": final["return"], "env_steps": final["env_steps"],
+        "trial_id": best, "return": scored["return"], "env_steps": final["env_steps"],
         "final_hyperparameters": final["hyperparameters"], "schedule": schedule,
         "lineage": [asdict(s) for s in segments],
     }, run_dir / "best_schedule.json")
@@ -97,9 +98,9 @@ def markdown(
     schedule: Sequence[Mapping[str, Any]],
 ) -> str:
     """The report: best return, winning schedule, population statistics, how to reproduce."""
-    finals = records.final_rows()
-    returns = [r["return"] for r in finals.values() if r.get("return") is not None]
-    final = finals[best]
+    scored = records.scored_rows()
+    returns = [r["return"] for r in scored]
+    final = next(r for r in scored if r["trial_id"] == best)
     target = info.get("target_return")
     reached = target_reached(final["return"], target, info.get("mode", "max"))
     keys = list(info.get("mutations") or final["hyperparameters"])
@@ -127,8 +128,9 @@ def markdown(
         "",
         "## Population",
         "",
-        f"- trials: {len(finals)}, exploits: {len(records.exploits)}",
-        f"- final return: mean {statistics.fmean(returns):.1f}, "
+        f"- trials: {len(records.trial_ids())}, exploits: {len(records.exploits)}",
+        f"- latest return of the {len(returns)} scored trials: "
+        f"mean {statistics.fmean(returns):.1f}, "
         f"std {statistics.pstdev(returns):.1f}, min {min(returns):.1f}, max {max(returns):.1f}",
         f"- stretches in the best agent's lineage: {len(segments)} "
         f"(trials {', '.join(dict.fromkeys(s.trial_id for s in segments))})",
