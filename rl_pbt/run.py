@@ -108,7 +108,7 @@ def execute(
     # the trial for the missing metric (Acrobot's first 500-step episodes, for one).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     random.seed(plan.seed)  # PBT draws its quantile picks and perturbations from `random`
-    scheduler = build_scheduler(plan)
+    scheduler = build_scheduler(plan, fit.concurrent)
     repeats = Repeats(resumed.last_iteration if resumed else None)
     recorder = RunRecorder(plan.output_dir, plan.stop.metric, list(plan.mutations), repeats)
     progress = ProgressPrinter(plan.stop.metric, plan.stop.mode)

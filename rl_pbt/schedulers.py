@@ -56,11 +56,22 @@ class ExploitListeners:
             listener(event)
 
 
+#: Perturbation intervals a trial may keep its turn for while a hand-over cannot be made safely.
+MAX_KEPT_TURNS = 3
+
+
 class RecordingExploits(ExploitListeners):
     """Mixin for ``PopulationBasedTraining`` and its subclasses: report every ``_exploit``."""
 
     _hyperparam_mutations: dict[str, Any]
     _trial_state: dict[Trial, Any]
+
+    def __init__(self, *, slots: int | None = None, **kwargs: Any) -> None:
+        """``slots``: trials the cluster runs at once (:func:`rl_pbt.cluster.concurrency`)."""
+        super().__init__(**kwargs)
+        self.slots = slots
+        self._handing_over: set[Trial] = set()  # told to PAUSE for another's turn, still running
+        self._kept_turns: dict[Trial, int] = {}  # PAUSEs turned into CONTINUE in a row
 
     def _exploit(self, tune_controller: Any, trial: Trial, trial_to_clone: Trial) -> None:
         keys = list(self._hyperparam_mutations)
@@ -85,7 +96,9 @@ class RecordingExploits(ExploitListeners):
         ))
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
-        """Ray's synchronous PBT, with the next perturbation always ahead of every trial.
+        """Ray's PBT decision, with two mends: synchronous PBT keeps the next perturbation
+        ahead of every trial, and asynchronous PBT hands over one turn at a time
+        (:meth:`_one_turn_at_a_time`).
 
         After a perturbation round Ray sets the next one to ``max(next + interval, latest
         time)``. A resumed run starts a fresh scheduler (next = one interval) with trials far
@@ -99,7 +112,38 @@ class RecordingExploits(ExploitListeners):
             latest = max(state.last_train_time for state in self._trial_state.values())
             if self._next_perturbation_sync <= latest:
                 self._next_perturbation_sync = latest + self._perturbation_interval
+        if not synch and decision == TrialScheduler.PAUSE:
+            decision = self._one_turn_at_a_time(tune_controller, trial)
         return decision
+
+    def _one_turn_at_a_time(self, tune_controller: Any, trial: Trial) -> str:
+        """Hand over one trial's turn at a time when the population takes turns (async PBT).
+
+        At its perturbation interval a running trial pauses so that a waiting one can run, and
+        Tune gives the paused trial's actor to the trial it staged to run next, killing any actor
+        that trial had starting. Two ways that goes wrong, both seen here: two trials pause
+        together while Tune has staged one successor, and Tune discards the second actor (its
+        search is over); or a trial pauses while the other slot's actor is still starting, and
+        the reuse kills that actor. Either way one slot is left to boot processes (7 s each on
+        2 cores with RLlib) that the next reuse kills: the run's training share fell from 0.9
+        to 0.74. So a trial keeps its turn (pauses at its next interval) unless every slot runs
+        a trial, no other hand-over is in flight and a successor is staged. The first two pass
+        within a step or two; a slot that stays empty (a cluster that lost a node) is waited
+        for three intervals in a row at most, so the trials waiting for a turn cannot starve.
+        """
+        trials = tune_controller.get_trials()
+        self._handing_over = {t for t in self._handing_over
+                              if t.status == Trial.RUNNING and t is not trial}
+        if self._handing_over or not any(t.status == Trial.PENDING for t in trials):
+            return TrialScheduler.CONTINUE  # both pass within a step or two
+        running = sum(t.status == Trial.RUNNING for t in trials)
+        kept = self._kept_turns.get(trial, 0)
+        if self.slots is not None and running < self.slots and kept < MAX_KEPT_TURNS:
+            self._kept_turns[trial] = kept + 1
+            return TrialScheduler.CONTINUE
+        self._kept_turns[trial] = 0
+        self._handing_over.add(trial)
+        return TrialScheduler.PAUSE
 
 
 def source_checkpoint_iteration(clone: Trial, last_result: Mapping[str, Any] | None) -> int:
@@ -231,8 +275,11 @@ class ScheduleReplay(PlainFIFO):
 Scheduler = ExploitListeners
 
 
-def build_scheduler(plan: Plan) -> Scheduler:
-    """Make the plan's scheduler: PBT or PB2 with the safe explore step, ASHA, or plain FIFO."""
+def build_scheduler(plan: Plan, slots: int | None = None) -> Scheduler:
+    """Make the plan's scheduler: PBT or PB2 with the safe explore step, ASHA, or plain FIFO.
+
+    ``slots``: trials that run at once, which PBT needs to hand over turns safely.
+    """
     name, options = plan.scheduler.name, dict(plan.scheduler.options)
     if name in ("fifo", "random"):
         return PlainFIFO()
@@ -246,6 +293,7 @@ def build_scheduler(plan: Plan) -> Scheduler:
         "custom_explore_fn": Explore(plan.mutations, plan.algorithm.invariants),
         # Until a trial finishes its first episode it has no return: PBT then waits for it.
         "require_attrs": False,
+        "slots": slots,
         **options,
     }
     if name == "pb2":

@@ -1,0 +1,107 @@
+"""Asynchronous PBT with more trials than slots hands over one turn at a time.
+
+When two running trials reach their perturbation interval together, Tune has staged only one
+waiting trial; it discards the second paused trial's actor and boots a new process for the next
+waiting trial (7 s on this machine with RLlib), which the next reuse kills. rl_pbt's PBT keeps
+the second trial running until the first hand-over is done, so both slots keep training.
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+
+from rl_pbt.schedulers import RecordingPBT
+
+ITERATIONS = 8
+TICK = 0.4  # seconds per step
+
+
+def pbt(cls: type = RecordingPBT) -> PopulationBasedTraining:
+    options = {"slots": 2} if cls is RecordingPBT else {}
+    return cls(time_attr="training_iteration", perturbation_interval=1, quantile_fraction=0.0,
+               metric="score", mode="max", hyperparam_mutations={"rate": [1.0, 2.0]}, **options)
+
+
+class FakeTrial:
+    def __init__(self, status: str) -> None:
+        self.status = status
+
+
+def controller(*trials: FakeTrial) -> SimpleNamespace:
+    return SimpleNamespace(get_trials=lambda: list(trials))
+
+
+def test_second_trial_keeps_its_turn_until_the_first_hand_over_is_done():
+    a, b = FakeTrial(Trial.RUNNING), FakeTrial(Trial.RUNNING)
+    c, d = FakeTrial(Trial.PENDING), FakeTrial(Trial.PAUSED)
+    scheduler, tune_controller = pbt(), controller(a, b, c, d)
+    assert scheduler._one_turn_at_a_time(tune_controller, a) == TrialScheduler.PAUSE
+    assert scheduler._one_turn_at_a_time(tune_controller, b) == TrialScheduler.CONTINUE
+    a.status, c.status, d.status = Trial.PAUSED, Trial.RUNNING, Trial.PENDING  # c took a's actor
+    assert scheduler._one_turn_at_a_time(tune_controller, b) == TrialScheduler.PAUSE
+
+
+def test_no_hand_over_while_a_slot_is_starting_or_nothing_is_staged():
+    a, starting = FakeTrial(Trial.RUNNING), FakeTrial(Trial.PENDING)
+    assert pbt()._one_turn_at_a_time(controller(a, starting), a) == TrialScheduler.CONTINUE
+    a, b, paused = FakeTrial(Trial.RUNNING), FakeTrial(Trial.RUNNING), FakeTrial(Trial.PAUSED)
+    assert pbt()._one_turn_at_a_time(controller(a, b, paused), a) == TrialScheduler.CONTINUE
+
+
+def test_a_trial_keeps_its_turn_three_times_at_most():
+    a, starting = FakeTrial(Trial.RUNNING), FakeTrial(Trial.PENDING)
+    scheduler, tune_controller = pbt(), controller(a, starting)
+    decisions = [scheduler._one_turn_at_a_time(tune_controller, a) for _ in range(4)]
+    assert decisions == [TrialScheduler.CONTINUE] * 3 + [TrialScheduler.PAUSE]
+
+
+def lockstep_trainable() -> type:
+    """Trials that report on the same tick of the wall clock, so the two running ones reach
+    their perturbation interval together whatever their start-up stagger."""
+
+    class Lockstep(tune.Trainable):
+        def setup(self, config: dict) -> None:
+            self.total = 0.0
+
+        def step(self) -> dict:
+            time.sleep(TICK - time.time() % TICK)
+            self.total += self.config["rate"]
+            return {"score": self.total, "tick": round(time.time() / TICK)}
+
+        def save_checkpoint(self, checkpoint_dir: str) -> dict:
+            return {"total": self.total}
+
+        def load_checkpoint(self, checkpoint: dict) -> None:
+            self.total = checkpoint["total"]
+
+        def reset_config(self, new_config: dict) -> bool:
+            time.sleep(0.1)  # as RLlib's rebuild: the staged trial takes a while to start
+            return True
+
+    return Lockstep
+
+
+@pytest.mark.slow
+def test_population_taking_turns_reuses_the_first_two_actors(ray_session, tmp_path):
+    results = tune.Tuner(
+        lockstep_trainable(),
+        param_space={"rate": tune.grid_search([1.0, 1.0, 2.0, 2.0])},
+        tune_config=tune.TuneConfig(scheduler=pbt(), reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0,
+                                  stop={"training_iteration": ITERATIONS}),
+    ).fit()
+    assert sorted(r.metrics["training_iteration"] for r in results) == [ITERATIONS] * 4
+    # Both slots train at every tick until the first trial is done (about 2 results a tick;
+    # seen 1.92-2.0). With Ray's own PBT one actor is discarded at the first double pause and
+    # every later turn boots a process the next reuse kills: one trial trains at a time (seen
+    # 0.72-0.78). After the first trial is done, its last result can meet a pause: not counted.
+    ticks = [tick for r in results for tick in r.metrics_dataframe["tick"]]
+    first_done = min(max(r.metrics_dataframe["tick"]) for r in results)
+    per_tick = sum(t <= first_done for t in ticks) / (first_done - min(ticks) + 1)
+    assert per_tick >= 1.5, f"{per_tick:.2f} results per tick on 2 slots"
