@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGET = 450.0
 #: (b): the same search with RLlib's and Tune's defaults (see the module docstring).
 RAY_DEFAULTS = ["trainable=stock", "resources=rllib_defaults",
-                "algorithm.config._model_config.fcnet_hiddens=[256,256]"]
+                "algorithm.config._model_config.fcnet_hiddens=[256,256]",
+                "+algorithm.config.normalize_actions=true"]
 
 
 def launch(args: list[str], workdir: Path, timeout: float) -> tuple[float, float, str]:
@@ -126,6 +127,18 @@ def bare_loop(num_envs: int = 16, hidden: tuple[int, ...] = (64, 64), seconds: f
     return steps / (time.perf_counter() - started)
 
 
+def quiet_bare_loop(wait: float = 60.0) -> float:
+    """The bare loop once the previous run's Ray processes are gone: measured while a tuning
+    run has exited (Ray lingers for seconds), it read 22287 steps/s where a quiet machine gives
+    46000."""
+    deadline = time.time() + wait
+    while time.time() < deadline and subprocess.run(
+            ["pgrep", "-f", "raylet|gcs_server|ray::"], capture_output=True).returncode == 0:
+        time.sleep(1.0)
+    time.sleep(2.0)
+    return bare_loop()
+
+
 def plain_tune_startup() -> float:
     """Seconds from launching ``scripts/plain_tune.py`` to its first trial result."""
     started = time.time()
@@ -161,22 +174,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args()
     runs: dict[str, list[dict[str, Any]]] = {"rl_pbt": [], "ray_defaults": []}
-    for seed in range(1, args.seeds + 1):  # alternate, so drift in the machine hits both
+    bare: list[float] = []
+    for seed in range(1, args.seeds + 1):  # alternate, so drift in the machine hits all three
+        bare.append(quiet_bare_loop())
+        print("bare", round(bare[-1]), flush=True)
         for name, extra in (("rl_pbt", []), ("ray_defaults", RAY_DEFAULTS)):
             result = measure_run([f"seed={seed}", *extra], args.budget)
-            runs[name].append({"seed": seed, **result})
+            runs[name].append({"seed": seed, **result, "bare_steps_per_s": bare[-1]})
             print(name, seed, json.dumps(result), flush=True)
     startup = {"rl_pbt": [], "plain_tune": []}
     for _ in range(args.seeds):
         startup["plain_tune"].append(plain_tune_startup())
         startup["rl_pbt"].append(measure_run(["stopper.max_iterations=1"], 120)["first_result_s"])
         print("startup", json.dumps({k: v[-1] for k, v in startup.items()}), flush=True)
-    bare = bare_loop()
     write_results(args.out, runs, startup, bare, args)
 
 
-def write_results(out: Path, runs: dict, startup: dict, bare: float, args: Any) -> None:
-    """The Markdown table (for the README) and the CSV of every run."""
+def write_results(out: Path, runs: dict, startup: dict, bares: list[float], args: Any) -> None:
+    """The Markdown table (for the README) and the CSV of every run; the ratios to the bare
+    loop use its median over the seeds."""
     out.mkdir(parents=True, exist_ok=True)
     with (out / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["setup", *runs["rl_pbt"][0]])
@@ -189,6 +205,7 @@ def write_results(out: Path, runs: dict, startup: dict, bare: float, args: Any) 
     ray_solve = median([r["solve_s"] for r in ray])
     solve_ratio = (_ratio(ray_solve, ours_solve) if ray_solve
                    else f"> {_ratio(args.budget, ours_solve)} (budget / ours)")
+    bare = statistics.median(bares)
     trial = median([r["trial_steps_per_s"] for r in ours])
     sampling = median([r["sampling_steps_per_s"] for r in ours])
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
@@ -214,7 +231,7 @@ def write_results(out: Path, runs: dict, startup: dict, bare: float, args: Any) 
         f"| one trial's env steps/s while sampling (no learning, as the bare loop) | "
         f"{spread([r['sampling_steps_per_s'] for r in ours])} | n/a (remote env runners) | "
         f"{_ratio(sampling, bare)} of bare |",
-        f"| bare loop (16 envs + 64x64 MLP, no learning), steps/s | {bare:.0f} | | |",
+        f"| bare loop (16 envs + 64x64 MLP, no learning), steps/s | {spread(bares, 0)} | | |",
         f"| start-up: launch to first trial result, s | {spread(startup['rl_pbt'])} | "
         f"plain Tune script: {spread(startup['plain_tune'])} | "
         f"{_ratio(median(startup['rl_pbt']), median(startup['plain_tune']))} |",
