@@ -23,6 +23,8 @@ class EnvSpec:
     env_config: dict[str, Any]
     target_return: float
     continuous_actions: bool
+    #: Discrete or MultiDiscrete: actions go to the env as sampled (nothing to unsquash).
+    discrete_actions: bool = False
 
     @property
     def rllib_name(self) -> str:

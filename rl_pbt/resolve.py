@@ -135,6 +135,8 @@ def resolve_env(env: Mapping[str, Any]) -> EnvSpec:
     instance = _make_env(env["id"], entry_point, env_config)
     try:
         continuous = isinstance(instance.action_space, gym.spaces.Box)
+        discrete = isinstance(instance.action_space,
+                              (gym.spaces.Discrete, gym.spaces.MultiDiscrete))
     finally:
         instance.close()
     model_config = env.get("model_config") or {}
@@ -143,7 +145,7 @@ def resolve_env(env: Mapping[str, Any]) -> EnvSpec:
             f"env.model_config.free_log_std: only for continuous (Box) action spaces; "
             f"{env['id']} has {instance.action_space}"
         )
-    return EnvSpec(env["id"], entry_point, env_config, float(target), continuous)
+    return EnvSpec(env["id"], entry_point, env_config, float(target), continuous, discrete)
 
 
 def _make_env(env_id: str, entry_point: str | None, env_config: dict[str, Any]) -> gym.Env:
@@ -185,6 +187,10 @@ def resolve_algorithm_config(
     fixed["_model_config"] = model
     fixed["env"] = env.rllib_name
     fixed["env_config"] = env.env_config
+    if env.discrete_actions:
+        # RLlib "unsquashes" every sampled action, a no-op for discrete ones that deep-copies
+        # the batch at each env step: a sixth of CartPole's sampling time. An explicit setting wins.
+        fixed.setdefault("normalize_actions", False)
     initial: dict[str, Distribution] = {}
     for key, value in list(fixed.items()):
         if isinstance(value, Mapping) and "_target_" in value:

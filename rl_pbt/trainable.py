@@ -39,6 +39,7 @@ class PBTReady:
         self._restored_from: str | None = None
         self._probe: dict[str, Any] = {}
         _instrument(self)
+        _sample_in_eval_mode(self)
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         """Rebuild the algorithm for ``new_config`` in this process; Tune restores weights next."""
@@ -125,7 +126,8 @@ def _instrument(algo: Any) -> None:
 
 def _time_sampling(algo: Any) -> None:
     """Add ``sample_s`` and ``sampled_steps`` to the probe: sampling alone, the part a bare env
-    loop compares with (``scripts/benchmark.py``). Only where sampling runs in this process."""
+    loop compares with (``scripts/benchmark.py``), and whether the module sampled in eval mode.
+    Only where sampling runs in this process."""
     runner = algo.env_runner if algo.config.num_env_runners == 0 else None
     if runner is None:
         return
@@ -137,9 +139,20 @@ def _time_sampling(algo: Any) -> None:
         episodes = sample(*args, **kwargs)
         probe["sample_s"] = probe.get("sample_s", 0.0) + time.perf_counter() - started
         probe["sampled_steps"] = probe.get("sampled_steps", 0) + sum(map(len, episodes))
+        probe["sampled_in_eval_mode"] = not runner.module.training
         return episodes
 
     runner.sample = timed_sample
+
+
+def _sample_in_eval_mode(algo: Any) -> None:
+    """Leave the in-process env runner's module in eval mode. Its forward passes switch it to
+    eval and back to train at every env step, two walks over the module tree that cost 8% of
+    CartPole's sampling time; learning goes through the learner's own module (``train()``)."""
+    runner = algo.env_runner if algo.config.num_env_runners == 0 else None
+    module = getattr(runner, "module", None)
+    if module is not None and module is not getattr(_local_learner(algo), "module", None):
+        module.eval()
 
 
 def _apply_scheduled_lr(learner: Any, env_steps: int) -> None:

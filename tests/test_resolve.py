@@ -78,6 +78,15 @@ def test_guide_setup_on_a_continuous_env_sets_free_log_std(tmp_path):
     assert plan.env.continuous_actions
 
 
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["env=cartpole"], False),  # discrete: nothing to unsquash, so no per-step copy
+    (["env=pendulum"], None),  # continuous: RLlib's default (unsquash into the Box)
+    (["env=cartpole", "+algorithm.config.normalize_actions=true"], True),  # the user's wins
+])
+def test_normalize_actions_is_off_only_for_discrete_actions(overrides, expected, tmp_path):
+    assert plan_for(overrides, tmp_path).param_space.get("normalize_actions") is expected
+
+
 def test_start_sample_draws_initial_values_from_the_mutations(tmp_path):
     plan = plan_for(["mutations=narrow"], tmp_path)
     assert isinstance(plan.param_space["lr"], Domain)
