@@ -128,9 +128,9 @@ def bare_loop(num_envs: int = 16, hidden: tuple[int, ...] = (64, 64), seconds: f
 
 
 def quiet_bare_loop(wait: float = 60.0) -> float:
-    """The bare loop once the previous run's Ray processes are gone: measured while a tuning
-    run has exited (Ray lingers for seconds), it read 22287 steps/s where a quiet machine gives
-    46000."""
+    """The bare loop once the previous run's Ray processes are gone. This machine's speed drifts
+    (the same loop read 22000 to 46000 steps/s over a day), so it is measured beside every seed's
+    runs, not once."""
     deadline = time.time() + wait
     while time.time() < deadline and subprocess.run(
             ["pgrep", "-f", "raylet|gcs_server|ray::"], capture_output=True).returncode == 0:
