@@ -24,7 +24,7 @@ class EnvSpec:
     target_return: float
     continuous_actions: bool
     #: Discrete or MultiDiscrete: actions go to the env as sampled (nothing to unsquash).
-    discrete_actions: bool = False
+    discrete_actions: bool
 
     @property
     def rllib_name(self) -> str:

@@ -97,6 +97,11 @@ def _local_learner(algo: Any) -> Any:
     return getattr(group, "_learner", None)
 
 
+def _local_env_runner(algo: Any) -> Any:
+    """The env runner that samples in this process (``num_env_runners=0``), or None."""
+    return algo.env_runner if algo.config.num_env_runners == 0 else None
+
+
 def _instrument(algo: Any) -> None:
     """Record, at each update, the lr the optimizer steps with and the clip_param the loss uses,
     and the seconds the in-process env runner spends sampling."""
@@ -128,7 +133,7 @@ def _time_sampling(algo: Any) -> None:
     """Add ``sample_s`` and ``sampled_steps`` to the probe: sampling alone, the part a bare env
     loop compares with (``scripts/benchmark.py``), and whether the module sampled in eval mode.
     Only where sampling runs in this process."""
-    runner = algo.env_runner if algo.config.num_env_runners == 0 else None
+    runner = _local_env_runner(algo)
     if runner is None:
         return
     probe = algo._probe
@@ -149,10 +154,9 @@ def _sample_in_eval_mode(algo: Any) -> None:
     """Leave the in-process env runner's module in eval mode. Its forward passes switch it to
     eval and back to train at every env step, two walks over the module tree that cost 8% of
     CartPole's sampling time; learning goes through the learner's own module (``train()``)."""
-    runner = algo.env_runner if algo.config.num_env_runners == 0 else None
-    module = getattr(runner, "module", None)
-    if module is not None and module is not getattr(_local_learner(algo), "module", None):
-        module.eval()
+    runner = _local_env_runner(algo)
+    if runner is not None:
+        runner.module.eval()
 
 
 def _apply_scheduled_lr(learner: Any, env_steps: int) -> None:
