@@ -48,6 +48,7 @@ def trial_rows(plan: Plan, results: Any, exploits: Mapping[str, int]) -> list[di
     for trial_id in sorted(set(finals) | {t for t in errors if t}):
         last = finals.get(trial_id, {})
         scored = records.last_scored(trial_id) or {}
+        exploit = records.last_exploit(trial_id) if not scored else None
         rows.append({
             "trial_id": trial_id,
             "return": finite(scored.get("return")),
@@ -59,6 +60,8 @@ def trial_rows(plan: Plan, results: Any, exploits: Mapping[str, int]) -> list[di
             "exploits": exploits.get(trial_id, 0),
             "retries": retries.get(trial_id, 0),
             "error": errors.get(trial_id),
+            "unscored_since": exploit and {"source_id": exploit["source_id"],
+                                           "iteration": exploit["iteration"]},
         })
     return rows
 
@@ -139,6 +142,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         ]
     for row in summary["trials"]:
         score = "n/a" if row["return"] is None else f"{row['return']:.1f}"
+        since = row.get("unscored_since")
+        if row["return"] is None and since:
+            score += (f" (took {since['source_id']}'s weights at iteration {since['iteration']},"
+                      " no episode finished since)")
         if row["return"] is not None and row.get("return_iteration") != row["iterations"]:
             score += f" (at iteration {row['return_iteration']})"
         status = f"  FAILED: {row['error']}" if row["error"] else ""

@@ -97,3 +97,4 @@ def test_last_scored_skips_iterations_without_a_finished_episode():
     assert records.last_scored("a")["training_iteration"] == 2
     assert records.last_scored("b") is None
     assert [r["trial_id"] for r in records.scored_rows()] == ["a"]
+    assert records.last_exploit("b")["source_id"] == "a" and records.last_exploit("a") is None

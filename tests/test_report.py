@@ -16,6 +16,7 @@ from rl_pbt.cli import CONF_DIR
 from rl_pbt.errors import ConfigError
 from rl_pbt.report import main as report_main
 from rl_pbt.resolve import resolve
+from rl_pbt.summary import format_summary
 
 MUTATIONS = {"lr": {"type": "LogUniform", "low": 1e-5, "high": 1e-2, "log": True,
                     "integer": False},
@@ -106,3 +107,14 @@ def test_report_command_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "not an rl_pbt run folder (no run.json)" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         write_report(tmp_path)
+
+
+def test_summary_says_why_a_trial_has_no_return():
+    """A trial exploited at the run's last turn holds the clone's agent, never scored: the
+    summary says so instead of a bare n/a."""
+    trial = {"trial_id": "b", "return": None, "return_iteration": None, "iterations": 32,
+             "exploits": 1, "error": None, "unscored_since": {"source_id": "a", "iteration": 32}}
+    summary = {"name": "x", "wall_time_s": 60.0, "exploits": 1, "trials": [trial],
+               "metric": "m", "mode": "max", "output_dir": "out"}
+    assert ("trial b: return n/a (took a's weights at iteration 32, no episode finished since), "
+            "32 it" in format_summary(summary))

@@ -78,10 +78,15 @@ class RunRecords:
         if not scored:
             return None
         row = max(scored, key=_time)
-        exploited = [e for e in self.exploits if e["trial_id"] == trial_id]
-        if exploited and max(e["wall_time"] for e in exploited) > _time(row):
+        exploit = self.last_exploit(trial_id)
+        if exploit is not None and exploit["wall_time"] > _time(row):
             return None
         return row
+
+    def last_exploit(self, trial_id: str) -> dict[str, Any] | None:
+        """The trial's latest exploit (the last time it took another trial's weights)."""
+        exploited = [e for e in self.exploits if e["trial_id"] == trial_id]
+        return max(exploited, key=lambda e: e["wall_time"]) if exploited else None
 
 
     def scored_rows(self) -> list[dict[str, Any]]:
