@@ -9,6 +9,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,9 +97,14 @@ def execute(
     Raises :class:`Interrupted` after a Ctrl-C that Tune handled (the state is saved).
     """
     started = time.monotonic()
+    repeats = Repeats(resumed.last_iteration if resumed else None)
     if plan.tracking.enabled:
         check_reachable(plan.tracking)
-    ray_used = cluster.describe(cluster.start_ray(plan))
+    with ThreadPoolExecutor(1, thread_name_prefix="mlflow-open") as pool:
+        # Importing MLflow and opening its store (1.5-3 s) while Ray starts its processes.
+        opening = pool.submit(MlflowTracker, plan, repeats) if plan.tracking.enabled else None
+        ray_used = cluster.describe(cluster.start_ray(plan))
+        tracker = opening.result() if opening else None
     fit = cluster.concurrency(plan)
     print(fit.report(), flush=True)
     envs.register(plan.env)
@@ -109,11 +115,9 @@ def execute(
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     random.seed(plan.seed)  # PBT draws its quantile picks and perturbations from `random`
     scheduler = build_scheduler(plan, fit.concurrent)
-    repeats = Repeats(resumed.last_iteration if resumed else None)
     recorder = RunRecorder(plan.output_dir, plan.stop.metric, list(plan.mutations), repeats)
     progress = ProgressPrinter(plan.stop.metric, plan.stop.mode)
     scheduler.listeners += [repeats.on_exploit, recorder.on_exploit, progress.on_exploit]
-    tracker = MlflowTracker(plan, repeats) if plan.tracking.enabled else None
     tracking = _open_tracking(tracker, plan, scheduler, tags or {}, resumed)
     if resumed is None:  # with the tracking ids a resumed run needs to continue the same runs
         record = {"tracking": _tracking_record(plan, tracking)} if tracking else {}

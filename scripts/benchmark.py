@@ -16,7 +16,9 @@
 4. Start-up: seconds from launch to the first trial result, rl_pbt against a plain Ray Tune
    script that starts the same trials (``scripts/plain_tune.py``).
 
-Writes ``results.md`` and ``results.csv`` under ``--out``. Every number is measured in this run.
+Every run keeps the default tracking: MLflow into a new SQLite file in the run's temporary
+folder (a first run's cost, the store created). Writes ``results.md`` and ``results.csv`` under
+``--out``. Every number is measured in this run.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def measure_run(args: list[str], budget: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="rl_pbt_bench_") as tmp:
         workdir = Path(tmp)
         started, ended, stdout = launch(
-            [*args, "tracking=none", f"stopper.max_seconds={budget}"], workdir, budget + 300)
+            [*args, f"stopper.max_seconds={budget}"], workdir, budget + 300)
         rows = read_rows(workdir / "run")
     slots = int(re.search(r"(\d+) trials? trains? at once", stdout)[1])
     solved = [r["recorded_at"] for r in rows if (r.get("return") or -1e9) >= TARGET]
