@@ -165,6 +165,8 @@ class MlflowTracker(Callback):
             for key in ("trial_id", "checkpoint"):
                 if best.get(key):
                     self.client.set_tag(self.parent_id, f"best.{key}", str(best[key]))
+        if status == "FINISHED":
+            self._end_stopped_trials()
         self.client.set_terminated(self.parent_id, status)
 
     # -- one child run per trial ----------------------------------------------------------
@@ -232,10 +234,20 @@ class MlflowTracker(Callback):
         self._end(trial, "FAILED")
 
     def _end(self, trial: Trial, status: str) -> None:
-        run_id = self._child(trial)
-        self.client.set_tag(run_id, "rl_pbt.exploit_count", str(self.exploits[trial.trial_id]))
+        self._end_run(trial.trial_id, self._child(trial), status)
+
+    def _end_run(self, trial_id: str, run_id: str, status: str) -> None:
+        self.client.set_tag(run_id, "rl_pbt.exploit_count", str(self.exploits.get(trial_id, 0)))
         self.client.set_terminated(run_id, status)
         self.running.discard(run_id)
+
+    def _end_stopped_trials(self) -> None:
+        """FINISHED for the trials the run's end stopped: when one trial reaches the target
+        return, Tune stops the others without a completion callback, and their runs stayed
+        RUNNING in MLflow after a finished run."""
+        for trial_id, run_id in list(self.children.items()):
+            if run_id in self.running:
+                self._end_run(trial_id, run_id, "FINISHED")
 
     def killed(self) -> None:
         """Mark the parent and the running children KILLED (Ctrl-C, or a crash of the run).

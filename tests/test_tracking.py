@@ -80,6 +80,23 @@ def test_exploit_is_recorded_without_relogging_params(plan):
     assert parent_run.data.tags["rl_pbt.env"] == "cartpole"
 
 
+def test_trials_stopped_by_the_run_end_finished(plan):
+    """A trial reached the target and the run stopped the others: Tune calls no completion for
+    them, and a finished run must leave no child RUNNING."""
+    tracker = MlflowTracker(plan)
+    tracker.open({})
+    a, b = StandInTrial("a", {"lr": 1e-4}), StandInTrial("b", {"lr": 5e-4})
+    for trial in (a, b):
+        tracker.on_trial_start(0, [a, b], trial)
+        tracker.on_trial_result(0, [a, b], trial, _result(1, 10.0))
+    tracker.on_trial_error(0, [a, b], b)
+    tracker.close({"best": {"trial_id": "a", "return": 10.0}})
+    client = MlflowClient(plan.tracking.tracking_uri)
+    assert client.get_run(tracker.children["a"]).info.status == "FINISHED"
+    assert client.get_run(tracker.children["a"]).data.tags["rl_pbt.exploit_count"] == "0"
+    assert client.get_run(tracker.children["b"]).info.status == "FAILED"
+
+
 def test_parent_nests_under_an_active_run(plan, tmp_path):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(plan.tracking.tracking_uri)
