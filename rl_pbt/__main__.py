@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig
@@ -34,7 +37,21 @@ def main(cfg: DictConfig) -> float | None:
     return best["return"] if best else None
 
 
+def exit_without_teardown() -> NoReturn:
+    """Run the exit handlers (Ray's shutdown, log flushes), then end the process at once.
+
+    After them the interpreter's own teardown took 1.3 s here (freeing torch's, Ray's and
+    MLflow's modules in native code), with no thread left to join and no file of rl_pbt's left
+    open: time a finished run need not wait for.
+    """
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     check_group_options(sys.argv[1:])
     check_override_keys(sys.argv[1:])
     main()
+    exit_without_teardown()

@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import ray
 from omegaconf import DictConfig
 
 from rl_pbt import cluster, envs
@@ -140,7 +142,10 @@ def execute(
         summary = build_summary(plan, results, exploits, time.monotonic() - started,
                                 fit.report(), tracking)
         write_summary(summary, plan.output_dir)
+        releasing = _release_ray(ray_used["origin"], tags or {})
         report = _write_report(plan)
+        if releasing:
+            releasing.join()
     except Interrupted:
         raise
     except BaseException:
@@ -152,6 +157,20 @@ def execute(
     if report:
         print(f"report       {report.markdown}", flush=True)
     return summary
+
+
+def _release_ray(origin: str, tags: Mapping[str, str]) -> threading.Thread | None:
+    """Stop the Ray this run started, beside the report, once training is over.
+
+    Ray's shutdown (1.2-1.8 s here) waits for its processes to end; the report (1.1-1.4 s)
+    does not need them. A Ray that was joined or reused, or that the next job of a sweep will
+    use, is left running.
+    """
+    if origin != "started" or SWEEP_TAG in tags:
+        return None
+    thread = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+    thread.start()
+    return thread
 
 
 def _mark_killed(tracker: MlflowTracker | None) -> None:
