@@ -17,8 +17,8 @@
    script that starts the same trials (``scripts/plain_tune.py``).
 
 Every run keeps the default tracking: MLflow into a new SQLite file in the run's temporary
-folder (a first run's cost, the store created). Writes ``results.md`` and ``results.csv`` under
-``--out``. Every number is measured in this run.
+folder (a first run's cost, the store created). Writes ``results.md``, ``results.csv`` and
+``startup.csv`` under ``--out``. Every number is measured in this run.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import re
@@ -153,14 +154,31 @@ def plain_tune_startup() -> float:
 
 
 def spread(values: list[float | None], digits: int = 1) -> str:
-    """``median [min-max]``, with unsolved runs counted."""
+    """``median [min-max]`` of the runs that measured the value."""
     done = [v for v in values if v is not None]
-    missing = len(values) - len(done)
     if not done:
-        return f"not reached ({missing}/{len(values)})"
+        return "n/a"
     low, mid, high = min(done), statistics.median(done), max(done)
-    text = f"{mid:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]"
-    return text + (f", {missing}/{len(values)} not reached" if missing else "")
+    return f"{mid:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]"
+
+
+def solve_median(times: list[float | None]) -> float:
+    """Median time to solve, an unsolved run counted as slower than any solved one (inf)."""
+    return statistics.median_high([math.inf if t is None else t for t in times])
+
+
+def solve_spread(times: list[float | None], budget: float) -> str:
+    """``median [min-max]`` of the times to solve; unsolved runs count as more than the budget,
+    so one solved run out of three does not pass for the median."""
+    solved = sorted(t for t in times if t is not None)
+    missing = len(times) - len(solved)
+    if not solved:
+        return f"not reached in {budget:.0f} s ({missing}/{len(times)})"
+    mid = solve_median(times)
+    high = f"> {budget:.0f}" if missing else f"{solved[-1]:.1f}"
+    text = f"> {budget:.0f}" if mid == math.inf else f"{mid:.1f}"
+    text += f" [{solved[0]:.1f}-{high}]"
+    return text + (f", {missing}/{len(times)} not reached" if missing else "")
 
 
 def median(values: list[float | None]) -> float | None:
@@ -202,10 +220,14 @@ def write_results(out: Path, runs: dict, startup: dict, bares: list[float], args
         for name, rows in runs.items():
             for row in rows:
                 writer.writerow({"setup": name, **row})
+    with (out / "startup.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["setup", "first_result_s"])
+        writer.writerows((name, value) for name, values in startup.items() for value in values)
     ours, ray = runs["rl_pbt"], runs["ray_defaults"]
-    ours_solve = median([r["solve_s"] for r in ours])
-    ray_solve = median([r["solve_s"] for r in ray])
-    solve_ratio = (_ratio(ray_solve, ours_solve) if ray_solve
+    ours_solve = solve_median([r["solve_s"] for r in ours])
+    ray_solve = solve_median([r["solve_s"] for r in ray])
+    solve_ratio = (_ratio(ray_solve, ours_solve) if ray_solve < math.inf
                    else f"> {_ratio(args.budget, ours_solve)} (budget / ours)")
     bare = statistics.median(bares)
     trial = median([r["trial_steps_per_s"] for r in ours])
@@ -217,8 +239,9 @@ def write_results(out: Path, runs: dict, startup: dict, bares: list[float], args
         "",
         "| measure | rl_pbt defaults | Ray/RLlib defaults | ratio |",
         "| --- | --- | --- | --- |",
-        f"| time to solve, s (median [min-max]) | {spread([r['solve_s'] for r in ours])} | "
-        f"{spread([r['solve_s'] for r in ray])} | {solve_ratio} |",
+        f"| time to solve, s (median [min-max]) | "
+        f"{solve_spread([r['solve_s'] for r in ours], args.budget)} | "
+        f"{solve_spread([r['solve_s'] for r in ray], args.budget)} | {solve_ratio} |",
         f"| wall time of the run, s | {spread([r['wall_s'] for r in ours])} | "
         f"{spread([r['wall_s'] for r in ray])} | |",
         f"| PBT efficiency (training s / (wall s x slots)) | "
