@@ -85,6 +85,7 @@ class PBTReady:
             "digest_start": start,
             "digest_end": _digest(learner) if learner is not None else None,
             "restored": self._restored_from is not None,
+            "restored_from": self._restored_from,  # the checkpoint this iteration started from
             "node_id": ray.get_runtime_context().get_node_id(),  # where it ran, on a cluster
         }
         self._restored_from = None

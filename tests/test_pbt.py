@@ -69,9 +69,10 @@ def test_exploit_trains_with_new_values_from_the_clones_weights(pbt_run):
         # A trial that cloned the same trial before can get the same value again.
         changed += event["new"]["lr"] != pytest.approx(event["old"]["lr"], rel=1e-9)
         assert probe["clip_param_used"] == pytest.approx(event["new"]["clip_param"], rel=1e-6)
-        # The clone's checkpoint holds its weights at the end of iteration - 1.
+        # The clone's checkpoint holds its weights at the end of the iteration PBT cloned.
+        assert iteration - 1 == event["source_iteration"], (event, probe["restored_from"])
         source = [r for r in _rows_of(rows, event["source_id"])
-                  if r["training_iteration"] == iteration - 1
+                  if r["training_iteration"] == event["source_iteration"]
                   and r["recorded_at"] < event["wall_time"]]
         assert probe["digest_start"] == source[-1]["probe"]["digest_end"]
         checked += 1
