@@ -21,7 +21,7 @@ from ray.tune.experiment import Trial
 
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import Plan, Tracking
-from rl_pbt.records import trained_config, trial_error
+from rl_pbt.records import TRIALS_FILE, read_jsonl, trained_config, trial_error
 from rl_pbt.schedulers import ExploitEvent
 from rl_pbt.stopping import ENV_STEPS, result_value
 from rl_pbt.values import finite
@@ -131,7 +131,27 @@ class MlflowTracker(Callback):
             self.steps[trial_id] = max((m.step for m in history), default=0)
             self.exploits[trial_id] = sum(
                 1 for tag in child.data.tags if tag.startswith("rl_pbt.exploit."))
+            self._log_unlogged_rows(trial_id, run_id)
         return parent_id
+
+    def _log_unlogged_rows(self, trial_id: str, run_id: str) -> None:
+        """Log the results the run folder recorded but MLflow did not get before the kill.
+
+        The run folder's record of a result is written just before MLflow's; a kill between the
+        two (seen in the kill-and-resume test) left the child one step short, and every later
+        step one iteration off the records.
+        """
+        rows = [r for r in read_jsonl(self.plan.output_dir / TRIALS_FILE)
+                if r["trial_id"] == trial_id]
+        for row in rows[self.steps[trial_id]:]:
+            self.steps[trial_id] += 1
+            values = {"training_iteration": row.get("training_iteration"),
+                      "episode_return_mean": row.get("return"),
+                      "env_steps": row.get("env_steps"),
+                      "time_total_s": row.get("time_total_s"),
+                      "time_this_iter_s": row.get("time_this_iter_s"),
+                      **{f"hp.{k}": v for k, v in (row.get("hyperparameters") or {}).items()}}
+            self._log_step(run_id, self.steps[trial_id], row.get("timestamp"), values)
 
     def _experiment_id(self, name: str) -> str:
         """Get or create the experiment; a SQLite store keeps its artifacts beside the file.
@@ -193,7 +213,6 @@ class MlflowTracker(Callback):
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
     ) -> None:
-        from mlflow.entities import Metric
 
         run_id = self._child(trial)
         if self.repeats is not None and self.repeats.is_repeat(trial):
@@ -202,11 +221,17 @@ class MlflowTracker(Callback):
             self.client.update_run(run_id, status="RUNNING")
             self.running.add(run_id)
         self.steps[trial.trial_id] += 1
-        step = self.steps[trial.trial_id]
-        stamp = int(result.get("timestamp", 0) * 1000)
         values = {name: result_value(result, key) for key, name in RESULT_METRICS.items()}
         config = trained_config(result, trial)
         values.update({f"hp.{k}": config.get(k) for k in self.mutated})
+        self._log_step(run_id, self.steps[trial.trial_id], result.get("timestamp"), values)
+
+    def _log_step(self, run_id: str, step: int, timestamp: float | None,
+                  values: Mapping[str, Any]) -> None:
+        """One result's finite numbers as metrics at ``step`` (Tune's timestamp, seconds)."""
+        from mlflow.entities import Metric
+
+        stamp = int((timestamp or 0) * 1000)
         numbers = {name: finite(v) for name, v in values.items()}
         metrics = [Metric(name, v, stamp, step) for name, v in numbers.items() if v is not None]
         self.client.log_batch(run_id, metrics=metrics)

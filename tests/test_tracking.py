@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import mlflow
@@ -95,6 +96,35 @@ def test_trials_stopped_by_the_run_end_finished(plan):
     assert client.get_run(tracker.children["a"]).info.status == "FINISHED"
     assert client.get_run(tracker.children["a"]).data.tags["rl_pbt.exploit_count"] == "0"
     assert client.get_run(tracker.children["b"]).info.status == "FAILED"
+
+
+def test_reopen_logs_what_the_records_hold_and_mlflow_missed(plan):
+    """Killed between the run folder's record of iteration 3 and MLflow's: the resumed run
+    logs iteration 3 at step 3, so MLflow's steps keep matching the records."""
+    from rl_pbt.records import TRIALS_FILE
+
+    tracker = MlflowTracker(plan)
+    parent = tracker.open({})
+    a = StandInTrial("a", {"lr": 1e-4})
+    tracker.on_trial_start(0, [a], a)
+    rows = []
+    for iteration in (1, 2, 3):
+        if iteration < 3:
+            tracker.on_trial_result(0, [a], a, _result(iteration, 10.0 * iteration))
+        rows.append({"trial_id": "a", "training_iteration": iteration, "return": 10.0 * iteration,
+                     "env_steps": 1000 * iteration, "time_total_s": 2.0 * iteration,
+                     "time_this_iter_s": 2.0, "timestamp": 1_700_000_000 + iteration,
+                     "hyperparameters": {"lr": 1e-4}})
+    (plan.output_dir / TRIALS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    resumed = MlflowTracker(plan)
+    resumed.reopen(parent)
+    resumed.on_trial_result(0, [a], a, _result(4, 40.0))
+    client = MlflowClient(plan.tracking.tracking_uri)
+    history = client.get_metric_history(tracker.children["a"], "training_iteration")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    returns = client.get_metric_history(tracker.children["a"], "episode_return_mean")
+    assert sorted((m.step, m.value) for m in returns)[2] == (3, 30.0)
 
 
 def test_parent_nests_under_an_active_run(plan, tmp_path):
