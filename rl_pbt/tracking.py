@@ -39,6 +39,14 @@ RESULT_METRICS = {
     "time_total_s": "time_total_s",
     "time_this_iter_s": "time_this_iter_s",
 }
+#: The same metrics from a row of the run folder's ``trials.jsonl`` (``rl_pbt.records``).
+RECORD_METRICS = {
+    "training_iteration": "training_iteration",
+    "return": "episode_return_mean",
+    "env_steps": "env_steps",
+    "time_total_s": "time_total_s",
+    "time_this_iter_s": "time_this_iter_s",
+}
 
 
 def check_reachable(tracking: Tracking, timeout: float = 5.0) -> None:
@@ -121,6 +129,7 @@ class MlflowTracker(Callback):
         parent = self.client.get_run(parent_id)
         self.parent_id, self.experiment_id = parent_id, parent.info.experiment_id
         self.client.update_run(parent_id, status="RUNNING")
+        records = read_jsonl(self.plan.output_dir / TRIALS_FILE)
         for child in child_runs(self.client, self.experiment_id, parent_id):
             trial_id = child.data.tags.get("rl_pbt.trial_id")
             if not trial_id:
@@ -131,26 +140,22 @@ class MlflowTracker(Callback):
             self.steps[trial_id] = max((m.step for m in history), default=0)
             self.exploits[trial_id] = sum(
                 1 for tag in child.data.tags if tag.startswith("rl_pbt.exploit."))
-            self._log_unlogged_rows(trial_id, run_id)
+            self._log_unlogged_rows(trial_id, run_id,
+                                    [r for r in records if r["trial_id"] == trial_id])
         return parent_id
 
-    def _log_unlogged_rows(self, trial_id: str, run_id: str) -> None:
-        """Log the results the run folder recorded but MLflow did not get before the kill.
+    def _log_unlogged_rows(self, trial_id: str, run_id: str, rows: list[dict[str, Any]]) -> None:
+        """Log the results the run folder recorded (``rows``) but MLflow did not get before the
+        kill.
 
         The run folder's record of a result is written just before MLflow's; a kill between the
         two (seen in the kill-and-resume test) left the child one step short, and every later
         step one iteration off the records.
         """
-        rows = [r for r in read_jsonl(self.plan.output_dir / TRIALS_FILE)
-                if r["trial_id"] == trial_id]
         for row in rows[self.steps[trial_id]:]:
             self.steps[trial_id] += 1
-            values = {"training_iteration": row.get("training_iteration"),
-                      "episode_return_mean": row.get("return"),
-                      "env_steps": row.get("env_steps"),
-                      "time_total_s": row.get("time_total_s"),
-                      "time_this_iter_s": row.get("time_this_iter_s"),
-                      **{f"hp.{k}": v for k, v in (row.get("hyperparameters") or {}).items()}}
+            values = {name: row.get(key) for key, name in RECORD_METRICS.items()}
+            values.update({f"hp.{k}": v for k, v in (row.get("hyperparameters") or {}).items()})
             self._log_step(run_id, self.steps[trial_id], row.get("timestamp"), values)
 
     def _experiment_id(self, name: str) -> str:
@@ -213,7 +218,6 @@ class MlflowTracker(Callback):
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
     ) -> None:
-
         run_id = self._child(trial)
         if self.repeats is not None and self.repeats.is_repeat(trial):
             return
@@ -270,7 +274,7 @@ class MlflowTracker(Callback):
         """FINISHED for the trials the run's end stopped: when one trial reaches the target
         return, Tune stops the others without a completion callback, and their runs stayed
         RUNNING in MLflow after a finished run."""
-        for trial_id, run_id in list(self.children.items()):
+        for trial_id, run_id in self.children.items():
             if run_id in self.running:
                 self._end_run(trial_id, run_id, "FINISHED")
 
