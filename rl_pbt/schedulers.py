@@ -9,12 +9,10 @@ random search, ASHA) carry the same, always empty, listener list, so ``run`` tre
 from __future__ import annotations
 
 import copy
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
-from pathlib import PurePath
 from typing import Any
 
 from ray.tune.experiment import Trial
@@ -27,6 +25,7 @@ from ray.tune.schedulers import (
 
 from rl_pbt.distributions import Distribution
 from rl_pbt.explore import Explore
+from rl_pbt.handover import hand_over_checkpoint
 from rl_pbt.plan import Plan
 
 
@@ -87,7 +86,7 @@ class RecordingExploits(ExploitListeners):
         super()._exploit(tune_controller, trial, trial_to_clone)  # type: ignore[misc]
         if saving:
             _drop_stale_stop(tune_controller, trial)
-        keep_clone_checkpoint(trial, trial_to_clone)
+        hand_over_checkpoint(trial)
         self.report(ExploitEvent(
             trial_id=trial.trial_id,
             source_id=trial_to_clone.trial_id,
@@ -162,27 +161,6 @@ def source_checkpoint_iteration(clone: Trial, last_result: Mapping[str, Any] | N
         if latest is not None and latest.checkpoint is not None:
             iteration = latest.metrics.get("training_iteration", iteration)
     return int(iteration)
-
-
-def keep_clone_checkpoint(trial: Any, clone: Any) -> None:
-    """Keep the clone from writing its next checkpoint over the one ``trial`` will restore.
-
-    A trial's next checkpoint folder is numbered by the driver's count of the checkpoints it
-    registered. PBT may hand over a save that Tune then discards without registering (a pause-
-    save in synchronous mode, see :func:`_drop_stale_stop`): the clone's next actor starts from
-    the old count and saves into that same folder. Seen here in synchronous PBT: the clone's
-    iteration-4 checkpoint overwrote its iteration-2 one before the exploited trial restored
-    it, and that trial went on from iteration 4 of the clone, not 2. Numbering the clone's next
-    checkpoints past the handed-over one keeps it intact.
-    """
-    latest = trial.run_metadata.checkpoint_manager._latest_checkpoint_result
-    path = getattr(getattr(latest, "checkpoint", None), "path", None)
-    if not path or PurePath(path).parent.name != clone.storage.trial_dir_name:
-        return
-    match = re.fullmatch(r"checkpoint_(\d+)", PurePath(path).name)
-    if match:
-        after = int(match[1]) + 1
-        clone.storage.current_checkpoint_index = max(clone.storage.current_checkpoint_index, after)
 
 
 def _drop_stale_stop(tune_controller: Any, trial: Trial) -> bool:

@@ -76,22 +76,3 @@ def test_exploit_during_a_save_does_not_end_the_trial(ray_session, tmp_path, mon
     assert any(dropped), "no exploit met a save in flight: the race was not set up"
     assert sorted(r.metrics["training_iteration"] for r in results) == [ITERATIONS] * 2
 
-
-def test_the_clone_numbers_its_next_checkpoint_past_the_handed_over_one():
-    """Tune discarded the clone's pause-save (count still 1) after PBT handed its folder
-    checkpoint_000001 to the exploited trial: the clone's next save must not reuse that folder."""
-    from types import SimpleNamespace as NS
-
-    def trial(dir_name, index, restore_path=None):
-        latest = NS(checkpoint=NS(path=restore_path)) if restore_path else None
-        return NS(storage=NS(trial_dir_name=dir_name, current_checkpoint_index=index),
-                  run_metadata=NS(checkpoint_manager=NS(_latest_checkpoint_result=latest)))
-
-    clone = trial("PPO_b", 1)
-    exploited = trial("PPO_a", 3, "/runs/tune/PPO_b/checkpoint_000001")
-    schedulers.keep_clone_checkpoint(exploited, clone)
-    assert clone.storage.current_checkpoint_index == 2
-    schedulers.keep_clone_checkpoint(exploited, clone)  # never moves the count back
-    assert clone.storage.current_checkpoint_index == 2
-    schedulers.keep_clone_checkpoint(trial("PPO_a", 3, "/elsewhere/checkpoint_000009"), clone)
-    assert clone.storage.current_checkpoint_index == 2
