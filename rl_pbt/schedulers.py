@@ -217,6 +217,28 @@ def restore_dropped(original: Mapping[str, Any], new: dict[str, Any]) -> dict[st
     return new
 
 
+def record_copied_start(data: Any, trial: Trial, clone: Trial) -> Any:
+    """Add the row PB2 leaves out when it copies the clone's values instead of picking new ones.
+
+    PB2 learns from the return gained over an interval with unchanged values, so a clone with
+    fewer than two results under its values cannot be explored from: PB2 copies its values.
+    When its Gaussian process picks, it records the exploited trial's starting point (the
+    clone's time and return, the new values); when it copies, it records nothing, so the copied
+    trial's next interval is no data point either, and a later exploit of that trial copies
+    again. Seen here (synch PB2, 4 trials, perturbation every 2 iterations): the trials copied
+    at iteration 2 were the clones at 4 in 4 of 4 runs, and every exploit up to 6 copied. The
+    row below is the one PB2 writes when it picks, with the copied values.
+    """
+    import pandas as pd
+
+    source = data[data["Trial"] == str(clone)]
+    if source.empty:
+        return data
+    start = source.iloc[[-1]].copy()
+    start["Trial"] = str(trial)
+    return pd.concat([data, start]).reset_index(drop=True)
+
+
 @cache
 def recording_pb2() -> type:
     """The PB2 class, defined on first use: importing PB2 imports scikit-learn (1-2 s), which
@@ -227,7 +249,10 @@ def recording_pb2() -> type:
         """``PB2`` that reports every exploit and keeps every config key of the clone."""
 
         def _get_new_config(self, trial: Trial, trial_to_clone: Trial) -> tuple[dict, dict]:
+            rows = len(self.data)
             new_config, operations = super()._get_new_config(trial, trial_to_clone)
+            if len(self.data) == rows:  # PB2 copied the clone's values
+                self.data = record_copied_start(self.data, trial, trial_to_clone)
             return restore_dropped(trial_to_clone.config, new_config), operations
 
     # Importable as rl_pbt.schedulers.RecordingPB2 (see __getattr__), so pickle finds it.
