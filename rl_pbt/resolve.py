@@ -89,6 +89,7 @@ def resolve(
         checkpoint_frequency=_positive_int(plain, "checkpoint.frequency", minimum=0),
         output_dir=Path(output_dir),
         trainable=_one_of(plain, "trainable", ("pbt_ready", "stock")),
+        tensorboard=_flag(plain, "tensorboard"),
         choices=dict(choices or {}),
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
     )
@@ -115,6 +116,13 @@ def _one_of(plain: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> str
     value = plain.get(key, allowed[0])
     if value not in allowed:
         raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _flag(plain: Mapping[str, Any], key: str) -> bool:
+    value = plain.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: must be true or false, got {value!r}")
     return value
 
 

@@ -6,7 +6,8 @@
    return first reaches the env's target (CartPole-v1: 450), for (a) rl_pbt's defaults and (b) the
    same search (population, mutations, PBT, budget) with RLlib's and Tune's defaults: RLlib's own
    PPO class (a new process at every exploit, ``reuse_actors=False``), one env per remote env
-   runner, RLlib's 256x256 network. Median and spread over the seeds, and the ratio.
+   runner, RLlib's 256x256 network, Tune's TensorBoard files. Median and spread over the seeds,
+   and the ratio.
 2. PBT efficiency: sum over trials of training time / (wall time x concurrent trial slots); also
    over the span from the first iteration's start to the last result (no process start or end).
 3. Throughput: env steps per second of one trial, against a bare loop of the same vectorised
@@ -41,7 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 450.0
 #: (b): the same search with RLlib's and Tune's defaults (see the module docstring).
-RAY_DEFAULTS = ["trainable=stock", "resources=rllib_defaults",
+RAY_DEFAULTS = ["trainable=stock", "resources=rllib_defaults", "tensorboard=true",
                 "algorithm.config._model_config.fcnet_hiddens=[256,256]",
                 "+algorithm.config.normalize_actions=true"]
 

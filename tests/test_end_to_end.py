@@ -36,15 +36,25 @@ def test_default_run_ends_with_an_actionable_summary(tmp_path):
     children = child_runs(client, parent.info.experiment_id, parent.info.run_id)
     assert len(children) == 4
     assert all(c.info.status == "FINISHED" for c in children)
+    trial_dirs = [p.parent for p in summary_file.parent.glob("tune/*/params.json")]
+    assert len(trial_dirs) == 4
+    for trial_dir in trial_dirs:  # Tune's result files, without TensorBoard's by default
+        assert (trial_dir / "result.json").stat().st_size > 0, trial_dir
+        assert (trial_dir / "progress.csv").stat().st_size > 0, trial_dir
+        assert not list(trial_dir.glob("events.out.tfevents*")), trial_dir
 
 
 def test_multirun_over_a_2x1_grid(tmp_path):
     args = ["-m", "env=cartpole,acrobot", "mutations=narrow", *TINY, "population=2",
-            "stopper.max_iterations=2"]
+            "stopper.max_iterations=2", "tensorboard=true"]
     proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = sorted((tmp_path / "multirun").glob("*/*/*/summary.json"))
     assert len(summaries) == 2
+    for summary in summaries:  # tensorboard=true: every trial writes its event file
+        trial_dirs = [p.parent for p in summary.parent.glob("tune/*/params.json")]
+        assert len(trial_dirs) == 2
+        assert all(list(d.glob("events.out.tfevents*")) for d in trial_dirs), trial_dirs
     names = {json.loads(p.read_text())["name"] for p in summaries}
     assert names == {"PPO-CartPole-v1", "PPO-Acrobot-v1"}
     client = _client(tmp_path)
