@@ -116,10 +116,12 @@ def test_reopen_logs_what_the_records_hold_and_mlflow_missed(plan):
                      "time_this_iter_s": 2.0, "timestamp": 1_700_000_000 + iteration,
                      "hyperparameters": {"lr": 1e-4}})
     (plan.output_dir / TRIALS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tracker.flush()  # what MLflow had written when the process was killed
 
     resumed = MlflowTracker(plan)
     resumed.reopen(parent)
     resumed.on_trial_result(0, [a], a, _result(4, 40.0))
+    resumed.flush()
     client = MlflowClient(plan.tracking.tracking_uri)
     history = client.get_metric_history(tracker.children["a"], "training_iteration")
     assert sorted((m.step, m.value) for m in history) == [(1, 1), (2, 2), (3, 3), (4, 4)]
