@@ -98,6 +98,10 @@ def start_ray(plan: Plan) -> Origin:
     """Join the cluster at ``resources.address`` (or ``RAY_ADDRESS``), else start Ray here.
 
     A process that already runs Ray (a Hydra multirun, a test session) keeps its instance.
+    Ray starts one idle worker process per CPU for the driver's tasks and actors; trials never
+    use them (Tune gives every trainable its own runtime env), and a trial that samples and
+    learns in its own process starts no other actor, so then they are not started: 0.4 s
+    earlier to the first result here (12.4-12.8 s against 12.9-13.0 s, 3 runs each).
 
     Returns:
         ``"joined"``, ``"started"`` or ``"reused"``: recorded in ``run.json``.
@@ -113,6 +117,7 @@ def start_ray(plan: Plan) -> Origin:
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
+        _system_config={"prestart_worker_first_driver": trial_resources(plan).bundles > 1},
     )
     return "started"
 
