@@ -175,7 +175,7 @@ def join(address: str) -> None:
     reason = gcs_unreachable(*target) if target else None
     if reason is None:
         try:
-            with _environ(RAY_JOIN_ATTEMPTS_VAR, str(JOIN_ATTEMPTS)):
+            with environ_default(RAY_JOIN_ATTEMPTS_VAR, str(JOIN_ATTEMPTS)):
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as err:
@@ -232,7 +232,7 @@ def ray_reason(err: BaseException) -> str:
 
 
 @contextmanager
-def _environ(name: str, default: str) -> Iterator[None]:
+def environ_default(name: str, default: str) -> Iterator[None]:
     """Set an environment variable for the block unless the user set it."""
     if name in os.environ:
         yield

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from rl_pbt import cluster, envs
 from rl_pbt import resume as resuming
 from rl_pbt.algorithms import import_object
 from rl_pbt.cli import discard_empty_output_dir
+from rl_pbt.cluster import environ_default
 from rl_pbt.errors import ConfigError, Interrupted
 from rl_pbt.plan import Plan
 from rl_pbt.progress import ProgressPrinter
@@ -112,10 +113,6 @@ def execute(
     envs.register(plan.env)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     _quiet_known_noise()
-    # RLlib reports the episode return only once an episode has finished; Tune would fail
-    # the trial for the missing metric (Acrobot's first 500-step episodes, for one).
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # result_files picks them
     random.seed(plan.seed)  # PBT draws its quantile picks and perturbations from `random`
     scheduler = build_scheduler(plan, fit.concurrent)
     recorder = RunRecorder(plan.output_dir, plan.stop.metric, list(plan.mutations), repeats)
@@ -133,7 +130,8 @@ def execute(
             resuming.record_resume(resumed, ray_used)
         else:
             tuner = make_tuner(plan, scheduler, callbacks)
-        results = tuner.fit()
+        with tune_settings():
+            results = tuner.fit()
         if ctrl_c.caught:
             _mark_killed(tracker)
             raise Interrupted(f"interrupted; the state is saved. Continue with: "
@@ -158,6 +156,20 @@ def execute(
     if report:
         print(f"report       {report.markdown}", flush=True)
     return summary
+
+
+@contextmanager
+def tune_settings() -> Iterator[None]:
+    """Tune's environment switches for this run's ``fit`` only (a test session or a program
+    that calls :func:`execute` runs other Tune experiments with Tune's defaults).
+
+    RLlib reports the episode return only once an episode has finished; Tune would fail the
+    trial for the missing metric (Acrobot's first 500-step episodes, for one). Tune's own
+    result files are the ones :func:`result_files` picks.
+    """
+    with environ_default("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1"), \
+            environ_default("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"):
+        yield
 
 
 def _release_ray(origin: str, tags: Mapping[str, str]) -> threading.Thread | None:

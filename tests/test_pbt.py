@@ -3,6 +3,8 @@ really change the agent, and MLflow holds parent, children, schedules and exploi
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import TINY, compose_config
 
@@ -23,7 +25,10 @@ def pbt_run(ray_session, mlflow_server, tmp_path_factory):
                           f"tracking.tracking_uri={mlflow_server}",
                           "tracking.experiment_name=test_pbt"])
     plan = resolve(cfg, out, choices={"env": "cartpole", "mutations": "narrow"}, launch_dir=out)
+    environ = dict(os.environ)
     summary = execute(plan, {"rl_pbt.test": "pbt"})
+    assert {k: v for k, v in os.environ.items() if k.startswith("TUNE_")} == {
+        k: v for k, v in environ.items() if k.startswith("TUNE_")}, "Tune's switches leaked"
     return plan, summary, out
 
 
