@@ -100,6 +100,16 @@ def test_report_files_and_exported_experiment_composes(run_dir, tmp_path_factory
     assert plan.stop.max_iterations == 4
 
 
+def test_report_of_a_best_trial_whose_last_iteration_finished_no_episode(run_dir):
+    """b's last iteration finished no episode (500-step CartPole episodes span iterations), so
+    its last row has no return: a default benchmark run crashed in the report on this."""
+    with (run_dir / "trials.jsonl").open("a") as rows:
+        rows.write(json.dumps(_row("b", 5, 5, 1.2e-3, 0.16, None)) + "\n")
+    report = write_report(run_dir)
+    assert "trial b reached 95.0." in report.experiment_yaml.read_text()
+    assert json.loads(report.schedule_json.read_text())["return"] == 95
+
+
 def test_report_command_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         report_main([str(tmp_path)])

@@ -80,7 +80,7 @@ def write_report(run_dir: Path) -> Report:
         experiment_yaml=run_dir / EXPERIMENT_FILE,
     )
     report.markdown.write_text(markdown(info, records, best, segments, schedule))
-    report.experiment_yaml.write_text(experiment_file(info, final, run_dir))
+    report.experiment_yaml.write_text(experiment_file(info, final, scored["return"], run_dir))
     return report
 
 
@@ -152,8 +152,14 @@ def markdown(
     return "\n".join(lines)
 
 
-def experiment_file(info: Mapping[str, Any], final: Mapping[str, Any], run_dir: Path) -> str:
-    """A ``@package _global_`` experiment: the run's setup, best final values fixed, one agent."""
+def experiment_file(
+    info: Mapping[str, Any], final: Mapping[str, Any], reached: float, run_dir: Path,
+) -> str:
+    """A ``@package _global_`` experiment: the run's setup, best final values fixed, one agent.
+
+    ``reached``: the trial's last return; its final row has none when an exploit at its last
+    turn gave it new weights and no episode finished since.
+    """
     config = info.get("config") or {}
     algorithm_config = dict((config.get("algorithm") or {}).get("config") or {})
     algorithm_config.update(final["hyperparameters"])
@@ -169,6 +175,6 @@ def experiment_file(info: Mapping[str, Any], final: Mapping[str, Any], run_dir: 
         if config.get(group):
             body[group] = config[group]
     header = (f"# @package _global_\n# From {run_dir}: trial {final['trial_id']} reached "
-              f"{final['return']:.1f}.\n# One agent with its final hyperparameters, fixed "
+              f"{reached:.1f}.\n# One agent with its final hyperparameters, fixed "
               f"(no PBT).\n")
     return header + yaml.safe_dump(body, sort_keys=False)
