@@ -9,6 +9,7 @@ as a tag, a metric and a JSON artifact on the trial's child run.
 
 from __future__ import annotations
 
+import logging
 import os
 import urllib.error
 import urllib.request
@@ -24,7 +25,9 @@ from rl_pbt.plan import Plan, Tracking
 from rl_pbt.records import TRIALS_FILE, read_jsonl, trained_config, trial_error
 from rl_pbt.schedulers import ExploitEvent
 from rl_pbt.stopping import ENV_STEPS, result_value
-from rl_pbt.values import finite
+from rl_pbt.values import finite, first_line
+
+log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 #: Tags of a parent run made in a Hydra sweep (``-m``): the sweep folder and the job number.
@@ -297,9 +300,13 @@ class MlflowTracker(Callback):
     def killed(self) -> None:
         """Mark the parent and the running children KILLED (Ctrl-C, or a crash of the run).
 
-        Nothing stays RUNNING in the MLflow UI; a resumed run sets them running again.
+        Nothing stays RUNNING in the MLflow UI; a resumed run sets them running again. Queued
+        metrics that fail to write do not stop that (a resumed run logs them from the records).
         """
-        self.flush()
+        try:
+            self.flush()
+        except Exception as err:  # the runs' status matters more here
+            log.warning("MLflow: queued metrics not written: %s", first_line(err))
         for run_id in list(self.running):
             self.client.set_terminated(run_id, "KILLED")
         self.running.clear()

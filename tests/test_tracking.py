@@ -158,8 +158,15 @@ def test_reachable_server_passes(mlflow_server):
 
 
 def test_a_crash_mid_run_leaves_no_mlflow_run_running(plan, ray_session, monkeypatch):
-    """The driver fails while trials train: the parent and the started child end KILLED."""
+    """The driver fails while trials train: the parent and the started child end KILLED, even
+    when queued metrics fail to write as well."""
+    from mlflow.exceptions import MlflowException
+
     from rl_pbt import run as running
+
+    class FailedWrite:
+        def wait(self):
+            raise MlflowException("database is locked")
 
     class CrashingTuner:
         def __init__(self, callbacks):
@@ -171,6 +178,7 @@ def test_a_crash_mid_run_leaves_no_mlflow_run_running(plan, ray_session, monkeyp
                 if isinstance(callback, MlflowTracker):
                     callback.on_trial_start(0, [trial], trial)
                     callback.on_trial_result(0, [trial], trial, _result(1, 10.0))
+                    callback.queued.append(FailedWrite())
             raise RuntimeError("the driver crashed")
 
     monkeypatch.setattr(running, "make_tuner", lambda plan, scheduler, cbs: CrashingTuner(cbs))
