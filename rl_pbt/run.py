@@ -255,7 +255,7 @@ def _trainable(plan: Plan) -> type:
 def result_files(plan: Plan) -> list[Any]:
     """Tune's per-trial result files: ``result.json`` and ``progress.csv`` always, TensorBoard
     events with ``tensorboard=true``. Tune adds all three unless told not to (see
-    :func:`execute`); the events cost the driver 13 ms per result here."""
+    :func:`tune_settings`); the events cost the driver 13 ms per result here."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
     return [CSVLoggerCallback(), JsonLoggerCallback(),

@@ -157,8 +157,8 @@ def experiment_file(
 ) -> str:
     """A ``@package _global_`` experiment: the run's setup, best final values fixed, one agent.
 
-    ``reached``: the trial's last return; its final row has none when an exploit at its last
-    turn gave it new weights and no episode finished since.
+    ``reached``: the trial's last return; its final row has none when its last iteration
+    finished no episode (500-step CartPole episodes span iterations).
     """
     config = info.get("config") or {}
     algorithm_config = dict((config.get("algorithm") or {}).get("config") or {})
