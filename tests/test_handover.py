@@ -87,7 +87,6 @@ def fake_trial(storage: Path, name: str, handed: Path) -> NS:
 def test_hand_over_copies_into_the_trial_and_keeps_the_last_two(tmp_path):
     source = tmp_path / "PPO_b" / "checkpoint_000001"
     (source / "learner").mkdir(parents=True)
-    (source / "learner" / "state.pkl").write_bytes(b"weights-1")
     (tmp_path / "PPO_a").mkdir()
     copies = []
     for turn in range(3):
