@@ -82,10 +82,12 @@ class RecordingExploits(ExploitListeners):
         iteration = (self._trial_state[trial].last_result or {}).get("training_iteration", 0)
         source_iteration = source_checkpoint_iteration(
             trial_to_clone, self._trial_state[trial_to_clone].last_result)
-        saving = trial.is_saving
+        saving, running = trial.is_saving, trial.status == Trial.RUNNING
         super()._exploit(tune_controller, trial, trial_to_clone)  # type: ignore[misc]
         if saving:
             _drop_stale_stop(tune_controller, trial)
+        if running and trial.status == Trial.PAUSED and not getattr(self, "_synch", False):
+            self._call_off_hand_overs(tune_controller)
         hand_over_checkpoint(trial)
         self.report(ExploitEvent(
             trial_id=trial.trial_id,
@@ -147,6 +149,26 @@ class RecordingExploits(ExploitListeners):
         self._handing_over.add(trial)
         return TrialScheduler.PAUSE
 
+    def _call_off_hand_overs(self, tune_controller: Any) -> None:
+        """Keep the turns that an exploit leaves without a successor.
+
+        Ray's PBT pauses an exploited trial at once, and Tune gives its actor to the trial staged
+        to run next. A hand-over already in flight (a trial told to pause, its PAUSE waiting for
+        its save: the upper-quantile trial that met its interval together with the exploited
+        one) then finds nothing staged when the save is done: Tune stops that actor and boots a
+        process for the next waiting trial (5-6 s on 2 cores, one slot idle; seen here in one
+        default run of six). Those hand-overs are called off: the trial trains on and hands
+        over at its next interval, as when no successor was staged.
+        """
+        cached = _cached_decisions(tune_controller)
+        staged = sum(t.status == Trial.PENDING for t in tune_controller.get_trials())
+        in_flight = sorted((t for t in self._handing_over if t.status == Trial.RUNNING
+                            and cached.get(t.trial_id) == TrialScheduler.PAUSE),
+                           key=lambda t: t.trial_id)
+        for kept in in_flight[max(staged - 1, 0):]:  # the exploited trial's actor takes one
+            cached[kept.trial_id] = TrialScheduler.CONTINUE
+            self._handing_over.discard(kept)
+
 
 def source_checkpoint_iteration(clone: Trial, last_result: Mapping[str, Any] | None) -> int:
     """The iteration of the checkpoint an exploit copies from ``clone``.
@@ -174,12 +196,18 @@ def _drop_stale_stop(tune_controller: Any, trial: Trial) -> bool:
     two-trial synch run and ``checkpoint.frequency`` 1). The trial is already paused, and the
     save that decision waited for will never come, so the decision is dropped (True).
     """
-    controller = getattr(tune_controller, "_tune_controller", tune_controller)
-    cached = controller._cached_trial_decisions  # an AttributeError if Ray renames it
+    cached = _cached_decisions(tune_controller)
     if trial.status == Trial.PAUSED and cached.get(trial.trial_id) == TrialScheduler.STOP:
         del cached[trial.trial_id]
         return True
     return False
+
+
+def _cached_decisions(tune_controller: Any) -> dict[str, str]:
+    """Tune's decisions that wait for a trial's save to resolve, by trial id (private to Tune:
+    an AttributeError here if Ray renames it)."""
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)
+    return controller._cached_trial_decisions
 
 
 class RecordingPBT(RecordingExploits, PopulationBasedTraining):
