@@ -50,6 +50,8 @@ RECORD_METRICS = {
     "time_total_s": "time_total_s",
     "time_this_iter_s": "time_this_iter_s",
 }
+#: Metric writes (one per result) queued before the older half is waited for.
+MAX_QUEUED = 256
 
 
 def check_reachable(tracking: Tracking, timeout: float = 5.0) -> None:
@@ -251,6 +253,16 @@ class MlflowTracker(Callback):
         numbers = {name: finite(v) for name, v in values.items()}
         metrics = [Metric(name, v, stamp, step) for name, v in numbers.items() if v is not None]
         self.queued.append(self.client.log_batch(run_id, metrics=metrics, synchronous=False))
+        if len(self.queued) > MAX_QUEUED:
+            self._wait_for_oldest()
+
+    def _wait_for_oldest(self) -> None:
+        """Wait for the older half of the queued writes (done long ago unless MLflow fell
+        behind, which this slows the driver to), so a long run's queue stays bounded and a
+        failing write is raised within ``MAX_QUEUED`` results, not only at a trial's end."""
+        oldest, self.queued = self.queued[:MAX_QUEUED // 2], self.queued[MAX_QUEUED // 2:]
+        for operations in oldest:
+            operations.wait()
 
     def flush(self) -> None:
         """Wait until the queued metrics are written (MLflow rejects them on an ended run)."""

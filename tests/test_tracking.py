@@ -98,6 +98,26 @@ def test_trials_stopped_by_the_run_end_finished(plan):
     assert client.get_run(tracker.children["b"]).info.status == "FAILED"
 
 
+def test_queued_writes_stay_bounded_and_all_land(plan, monkeypatch):
+    """A long run queues one write per result; the older half is waited for past the bound."""
+    import rl_pbt.tracking
+
+    monkeypatch.setattr(rl_pbt.tracking, "MAX_QUEUED", 8)
+    tracker = MlflowTracker(plan)
+    tracker.open({})
+    a = StandInTrial("a", {"lr": 1e-4})
+    tracker.on_trial_start(0, [a], a)
+    lengths = []
+    for iteration in range(1, 31):
+        tracker.on_trial_result(0, [a], a, _result(iteration, float(iteration)))
+        lengths.append(len(tracker.queued))
+    assert max(lengths) == 8 and lengths[-1] <= 8
+    tracker.close({"best": {"trial_id": "a", "return": 30.0}})
+    history = MlflowClient(plan.tracking.tracking_uri).get_metric_history(
+        tracker.children["a"], "training_iteration")
+    assert sorted(m.step for m in history) == list(range(1, 31))
+
+
 def test_reopen_logs_what_the_records_hold_and_mlflow_missed(plan):
     """Killed between the run folder's record of iteration 3 and MLflow's: the resumed run
     logs iteration 3 at step 3, so MLflow's steps keep matching the records."""
