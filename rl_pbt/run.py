@@ -285,7 +285,8 @@ def restore_tuner(
 def make_tuner(plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
     """The Tuner: PBT-ready trainable, reused actors, checkpoints and results in the run folder."""
     from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from rl_pbt.search import PopulationSearch
 
     param_space = {**plan.param_space, "seed": tune.randint(0, 2**31 - 1)}
     stock = plan.trainable == "stock"
@@ -297,7 +298,8 @@ def make_tuner(plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
             scheduler=scheduler,
             # No cap on live trials: PBT needs the whole population alive; trials that do not
             # fit wait for CPUs and PBT rotates them in at each perturbation.
-            search_alg=BasicVariantGenerator(random_state=plan.seed),
+            # Open while trials live, so Tune keeps a paused trial's process for the next one.
+            search_alg=PopulationSearch(random_state=plan.seed),
             reuse_actors=stock is False,
         ),
         run_config=tune.RunConfig(
