@@ -61,5 +61,5 @@ class PopulationSearch(BasicVariantGenerator):
         """Tune saves the search with the experiment; the trials are saved by Tune itself."""
         state = super().get_state()
         if state:
-            state = {**state, "_made": [], "_exhausting": False}
+            state = {**state, "_made": []}
         return state

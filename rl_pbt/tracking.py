@@ -254,21 +254,21 @@ class MlflowTracker(Callback):
         metrics = [Metric(name, v, stamp, step) for name, v in numbers.items() if v is not None]
         self.queued.append(self.client.log_batch(run_id, metrics=metrics, synchronous=False))
         if len(self.queued) > MAX_QUEUED:
-            self._wait_for_oldest()
+            # The older half, written long ago unless MLflow fell behind (which this slows the
+            # driver to): a long run's queue stays bounded and a failing write is raised within
+            # MAX_QUEUED results, not only at a trial's end.
+            self._wait_for_oldest(MAX_QUEUED // 2)
 
-    def _wait_for_oldest(self) -> None:
-        """Wait for the older half of the queued writes (done long ago unless MLflow fell
-        behind, which this slows the driver to), so a long run's queue stays bounded and a
-        failing write is raised within ``MAX_QUEUED`` results, not only at a trial's end."""
-        oldest, self.queued = self.queued[:MAX_QUEUED // 2], self.queued[MAX_QUEUED // 2:]
+    def _wait_for_oldest(self, count: int) -> None:
+        """Wait until the ``count`` oldest queued writes are done; they leave the queue first,
+        so an error raised here is not raised again."""
+        oldest, self.queued = self.queued[:count], self.queued[count:]
         for operations in oldest:
             operations.wait()
 
     def flush(self) -> None:
         """Wait until the queued metrics are written (MLflow rejects them on an ended run)."""
-        queued, self.queued = self.queued, []
-        for operations in queued:
-            operations.wait()
+        self._wait_for_oldest(len(self.queued))
 
     def on_exploit(self, event: ExploitEvent) -> None:
         """Record an exploit on the trial that received the clone (never as params)."""
