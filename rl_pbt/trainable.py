@@ -32,7 +32,18 @@ PROBE = "rl_pbt"
 
 
 class PBTReady:
-    """Mixin for an RLlib ``Algorithm``: in-process ``reset_config`` and per-iteration probes."""
+    """Mixin for an RLlib ``Algorithm``: in-process ``reset_config``, per-iteration probes, and
+    sampling through rl_pbt's batched env loop (``rl_pbt.sampler``)."""
+
+    @classmethod
+    def get_default_config(cls) -> Any:
+        """RLlib's defaults with ``FastEnvRunner``; a config that names its own runner wins."""
+        from rl_pbt.sampler import FastEnvRunner
+
+        config = super().get_default_config()  # type: ignore[misc]
+        if config.env_runner_cls is None:
+            config.env_runners(env_runner_cls=FastEnvRunner)
+        return config
 
     def setup(self, config: Any) -> None:
         super().setup(config)  # type: ignore[misc]
@@ -132,7 +143,8 @@ def _instrument(algo: Any) -> None:
 
 def _time_sampling(algo: Any) -> None:
     """Add ``sample_s`` and ``sampled_steps`` to the probe: sampling alone, the part a bare env
-    loop compares with (``scripts/benchmark.py``), and whether the module sampled in eval mode.
+    loop compares with (``scripts/benchmark.py``), whether the module sampled in eval mode and
+    whether rl_pbt's batched loop sampled (``FastEnvRunner.fast_path``).
     Only where sampling runs in this process."""
     runner = _local_env_runner(algo)
     if runner is None:
@@ -146,6 +158,7 @@ def _time_sampling(algo: Any) -> None:
         probe["sample_s"] = probe.get("sample_s", 0.0) + time.perf_counter() - started
         probe["sampled_steps"] = probe.get("sampled_steps", 0) + sum(map(len, episodes))
         probe["sampled_in_eval_mode"] = not runner.module.training
+        probe["fast_sampler"] = getattr(runner, "fast_path", False)
         return episodes
 
     runner.sample = timed_sample

@@ -46,7 +46,7 @@ def test_exploits_happen(pbt_run):
 def test_every_iteration_times_its_sampling(pbt_run):
     """``probe.sample_s`` and ``sampled_steps``: the in-process env runner's sampling time and
     steps (the benchmark's sampling throughput), also after an exploit rebuilt the runner, with
-    its module left in eval mode."""
+    its module left in eval mode and rl_pbt's batched loop sampling."""
     _, _, out = pbt_run
     rows = read_jsonl(out / TRIALS_FILE)
     assert any(r["probe"]["restored"] for r in rows)
@@ -54,6 +54,7 @@ def test_every_iteration_times_its_sampling(pbt_run):
         assert 0 < row["probe"]["sample_s"] < row["time_this_iter_s"]
         assert 400 <= row["probe"]["sampled_steps"] < 440
         assert row["probe"]["sampled_in_eval_mode"]  # no train/eval switch at each step
+        assert row["probe"]["fast_sampler"]
 
 
 def test_exploit_trains_with_new_values_from_the_clones_weights(pbt_run):
