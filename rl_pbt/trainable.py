@@ -32,17 +32,23 @@ PROBE = "rl_pbt"
 
 
 class PBTReady:
-    """Mixin for an RLlib ``Algorithm``: in-process ``reset_config``, per-iteration probes, and
-    sampling through rl_pbt's batched env loop (``rl_pbt.sampler``)."""
+    """Mixin for an RLlib ``Algorithm``: in-process ``reset_config``, per-iteration probes,
+    sampling through rl_pbt's batched env loop (``rl_pbt.sampler``) and a fused Adam step
+    (``rl_pbt.learners``)."""
 
     @classmethod
     def get_default_config(cls) -> Any:
-        """RLlib's defaults with ``FastEnvRunner``; a config that names its own runner wins."""
+        """RLlib's defaults with rl_pbt's env runner and learner; a config that names its own
+        runner or learner class wins."""
+        from rl_pbt.learners import fused_learner
         from rl_pbt.sampler import FastEnvRunner
 
         config = super().get_default_config()  # type: ignore[misc]
         if config.env_runner_cls is None:
             config.env_runners(env_runner_cls=FastEnvRunner)
+        learner = fused_learner(config.get_default_learner_class())
+        if learner is not None and config._learner_class is None:
+            config.training(learner_class=learner)
         return config
 
     def setup(self, config: Any) -> None:
