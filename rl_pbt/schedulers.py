@@ -73,6 +73,7 @@ class RecordingExploits(ExploitListeners):
         self.slots = slots
         self._handing_over: set[Trial] = set()  # told to PAUSE for another's turn, still running
         self._kept_turns: dict[Trial, int] = {}  # PAUSEs turned into CONTINUE in a row
+        self._reserved: list[tuple[Any, int]] = []  # actor cache places held for a new round
 
     def _exploit(self, tune_controller: Any, trial: Trial, trial_to_clone: Trial) -> None:
         keys = list(self._hyperparam_mutations)
@@ -83,6 +84,8 @@ class RecordingExploits(ExploitListeners):
         source_iteration = source_checkpoint_iteration(
             trial_to_clone, self._trial_state[trial_to_clone].last_result)
         saving, running = trial.is_saving, trial.status == Trial.RUNNING
+        if running and getattr(self, "_synch", False):
+            self._keep_actors_for_next_round(tune_controller, trial)
         super()._exploit(tune_controller, trial, trial_to_clone)  # type: ignore[misc]
         if saving:
             _drop_stale_stop(tune_controller, trial)
@@ -100,9 +103,18 @@ class RecordingExploits(ExploitListeners):
         ))
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
-        """Ray's PBT decision, with two mends: synchronous PBT keeps the next perturbation
-        ahead of every trial, and asynchronous PBT hands over one turn at a time
-        (:meth:`_one_turn_at_a_time`).
+        """Ray's PBT decision, with three mends: synchronous PBT keeps the next perturbation
+        ahead of every trial, the trial that completes a synchronous round opens the next one,
+        and asynchronous PBT hands over one turn at a time (:meth:`_one_turn_at_a_time`).
+
+        The round opener: Ray pauses every trial at the sync point, also the last one, whose
+        result completes the round. Tune then keeps one paused actor (the first that has no
+        trial staged for it) and stops the other, so the next round starts one trial in the
+        kept process and boots a new one for the second slot (5-7 s on 2 cores); a trial that
+        ends its turn before that process is up hands its actor to the staged trial, and the
+        starting process is killed: round after round, one slot idle. The last trial keeps
+        running instead (unless its exploit paused it): the round's perturbation is done, and
+        it trains toward the next sync point like every other trial will.
 
         After a perturbation round Ray sets the next one to ``max(next + interval, latest
         time)``. A resumed run starts a fresh scheduler (next = one interval) with trials far
@@ -116,9 +128,39 @@ class RecordingExploits(ExploitListeners):
             latest = max(state.last_train_time for state in self._trial_state.values())
             if self._next_perturbation_sync <= latest:
                 self._next_perturbation_sync = latest + self._perturbation_interval
+            if decision == TrialScheduler.PAUSE and trial.status == Trial.RUNNING:
+                decision = TrialScheduler.CONTINUE  # the round opener (above)
         if not synch and decision == TrialScheduler.PAUSE:
             decision = self._one_turn_at_a_time(tune_controller, trial)
         return decision
+
+    def _keep_actors_for_next_round(self, tune_controller: Any, trial: Trial) -> None:
+        """Let Tune keep the exploited round closer's actor beside the one it already keeps.
+
+        Synchronous PBT exploits the trial whose result completes a round while it runs, and
+        pauses it at once. Tune keeps a paused trial's actor only for a staged trial, or when it
+        keeps none yet; the first trial to wait for the round already holds that place, so
+        the exploited trial's process is stopped. The next round then boots a new process for
+        its second slot (5-7 s on 2 cores), which the first trial's hand-over kills when its
+        turn ends sooner: round after round, one slot idle (seen in 2 of 3 synch runs). Places
+        for the kept actors are held until both are reused (:meth:`choose_trial_to_run`).
+        """
+        cache = _actor_cache(tune_controller)
+        places = cache.num_cached_objects + 1
+        cache.increase_max(trial.placement_group_factory, places)
+        self._reserved.append((trial.placement_group_factory, places))
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        """Ray's choice; places held for a new round are given back once no actor is kept or
+        no trial is waiting to run."""
+        choice = super().choose_trial_to_run(tune_controller)  # type: ignore[misc]
+        if self._reserved:
+            cache = _actor_cache(tune_controller)
+            if choice is None or not cache.num_cached_objects:
+                for key, places in self._reserved:
+                    cache.decrease_max(key, places)
+                self._reserved.clear()
+        return choice
 
     def _one_turn_at_a_time(self, tune_controller: Any, trial: Trial) -> str:
         """Hand over one trial's turn at a time when the population takes turns (async PBT).
@@ -208,6 +250,12 @@ def _cached_decisions(tune_controller: Any) -> dict[str, str]:
     an AttributeError here if Ray renames it)."""
     controller = getattr(tune_controller, "_tune_controller", tune_controller)
     return controller._cached_trial_decisions
+
+
+def _actor_cache(tune_controller: Any) -> Any:
+    """Tune's cache of paused trials' actors (private to Tune, as above)."""
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)
+    return controller._actor_cache
 
 
 class RecordingPBT(RecordingExploits, PopulationBasedTraining):

@@ -17,6 +17,7 @@ import pytest
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+from ray.tune.utils.object_cache import _ObjectCache
 
 from rl_pbt.schedulers import RecordingPBT
 
@@ -79,6 +80,30 @@ def test_a_trial_keeps_its_turn_three_times_at_most():
     scheduler, tune_controller = pbt(), controller(a, starting)
     decisions = [scheduler._one_turn_at_a_time(tune_controller, a) for _ in range(4)]
     assert decisions == [TrialScheduler.CONTINUE] * 3 + [TrialScheduler.PAUSE]
+
+
+def test_synchronous_round_closer_keeps_its_actor_until_the_next_round_takes_both():
+    """The trial whose result closes a synch round is exploited while running: Tune alone keeps
+    only the first waiter's actor and stops the closer's (a new process for the next round)."""
+    cache = _ObjectCache(may_keep_one=True)
+    assert cache.cache_object("cpu", "first waiter")
+    assert not cache.cache_object("cpu", "closer")  # Tune's rule, without rl_pbt
+    scheduler = pbt()
+    scheduler._synch, scheduler._next_perturbation_sync = True, 4
+    closer, behind = FakeTrial(Trial.RUNNING, "closer"), FakeTrial(Trial.PAUSED, "behind")
+    closer.placement_group_factory = "cpu"
+    scheduler._trial_state = {behind: SimpleNamespace(last_train_time=2)}
+    tune_controller = SimpleNamespace(get_trials=lambda: [behind], _actor_cache=cache)
+    scheduler._keep_actors_for_next_round(tune_controller, closer)
+    assert cache.cache_object("cpu", "closer")
+    assert list(cache.flush_cached_objects()) == []  # Tune's clean-up after the step keeps both
+    assert scheduler.choose_trial_to_run(tune_controller) is behind
+    assert cache.pop_cached_object("cpu") == "first waiter"
+    assert scheduler.choose_trial_to_run(tune_controller) is behind
+    assert list(cache.flush_cached_objects()) == []
+    assert cache.pop_cached_object("cpu") == "closer"
+    scheduler.choose_trial_to_run(tune_controller)  # both taken: the places are given back
+    assert cache.total_max_objects == 0
 
 
 def lockstep_trainable() -> type:
