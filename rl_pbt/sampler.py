@@ -8,6 +8,8 @@ that is one array operation per step. ``FastEnvRunner`` does exactly that for th
 mode of ``sample()`` and builds the same ``SingleAgentEpisode`` chunks (same columns, dtypes,
 ids, cuts and metrics); anything it does not cover (custom connectors, stateful modules,
 non-Box observations, episodes mode, random or greedy actions) goes through RLlib's own loop.
+Results then lack RLlib's per-step connector timers (``module_to_env_connector``), since those
+pipelines do not run; the module's inference timer and the env step timer are kept.
 """
 
 from __future__ import annotations
