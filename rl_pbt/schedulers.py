@@ -203,7 +203,9 @@ class RecordingExploits(ExploitListeners):
         over at its next interval, as when no successor was staged.
         """
         cached = _cached_decisions(tune_controller)
-        staged = sum(t.status == Trial.PENDING for t in tune_controller.get_trials())
+        resetting = _controller(tune_controller)._resetting_trials  # took a kept actor already
+        staged = sum(t.status == Trial.PENDING and t not in resetting
+                     for t in tune_controller.get_trials())
         in_flight = sorted((t for t in self._handing_over if t.status == Trial.RUNNING
                             and cached.get(t.trial_id) == TrialScheduler.PAUSE),
                            key=lambda t: t.trial_id)
@@ -248,14 +250,17 @@ def _drop_stale_stop(tune_controller: Any, trial: Trial) -> bool:
 def _cached_decisions(tune_controller: Any) -> dict[str, str]:
     """Tune's decisions that wait for a trial's save to resolve, by trial id (private to Tune:
     an AttributeError here if Ray renames it)."""
-    controller = getattr(tune_controller, "_tune_controller", tune_controller)
-    return controller._cached_trial_decisions
+    return _controller(tune_controller)._cached_trial_decisions
+
+
+def _controller(tune_controller: Any) -> Any:
+    """Tune's controller behind the wrapper that schedulers are handed (when there is one)."""
+    return getattr(tune_controller, "_tune_controller", tune_controller)
 
 
 def _actor_cache(tune_controller: Any) -> Any:
     """Tune's cache of paused trials' actors (private to Tune, as above)."""
-    controller = getattr(tune_controller, "_tune_controller", tune_controller)
-    return controller._actor_cache
+    return _controller(tune_controller)._actor_cache
 
 
 class RecordingPBT(RecordingExploits, PopulationBasedTraining):

@@ -37,8 +37,10 @@ class FakeTrial:
         self.trial_id = trial_id
 
 
-def controller(*trials: FakeTrial, cached: dict | None = None) -> SimpleNamespace:
-    return SimpleNamespace(get_trials=lambda: list(trials), _cached_trial_decisions=cached)
+def controller(*trials: FakeTrial, cached: dict | None = None,
+               resetting: tuple = ()) -> SimpleNamespace:
+    return SimpleNamespace(get_trials=lambda: list(trials), _cached_trial_decisions=cached,
+                           _resetting_trials=set(resetting))
 
 
 def test_second_trial_keeps_its_turn_until_the_first_hand_over_is_done():
@@ -58,19 +60,21 @@ def test_no_hand_over_while_a_slot_is_starting_or_nothing_is_staged():
     assert pbt()._one_turn_at_a_time(controller(a, b, paused), a) == TrialScheduler.CONTINUE
 
 
-@pytest.mark.parametrize("staged", [1, 2])
-def test_an_exploit_calls_off_the_hand_over_it_leaves_without_a_successor(staged):
+@pytest.mark.parametrize("staged, resetting", [(1, 0), (2, 0), (2, 1)])
+def test_an_exploit_calls_off_the_hand_over_it_leaves_without_a_successor(staged, resetting):
+    """``resetting``: waiting trials already resetting into a kept actor (they need none)."""
     saving = FakeTrial(Trial.RUNNING, "saving")  # upper quantile: its PAUSE waits for its save
     waiting = [FakeTrial(Trial.PENDING, f"waiting{i}") for i in range(staged)]
     exploited = FakeTrial(Trial.RUNNING, "exploited")
     cached: dict[str, str] = {}
     scheduler = pbt()
-    tune_controller = controller(saving, exploited, *waiting, cached=cached)
+    tune_controller = controller(saving, exploited, *waiting, cached=cached,
+                                 resetting=tuple(waiting[:resetting]))
     assert scheduler._one_turn_at_a_time(tune_controller, saving) == TrialScheduler.PAUSE
     cached["saving"] = TrialScheduler.PAUSE  # as Tune caches it until the save resolves
     exploited.status = Trial.PAUSED  # Ray's PBT pauses it; Tune gives its actor to waiting0
     scheduler._call_off_hand_overs(tune_controller)
-    kept = staged == 1  # nothing left staged for the saving trial's actor: it trains on
+    kept = staged - resetting == 1  # nothing staged for the saving trial's actor: it trains on
     assert cached["saving"] == (TrialScheduler.CONTINUE if kept else TrialScheduler.PAUSE)
     assert (saving in scheduler._handing_over) is not kept
 
