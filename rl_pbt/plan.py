@@ -101,6 +101,7 @@ class Plan:
     checkpoint_frequency: int
     output_dir: Path
     trainable: str = "pbt_ready"
+    sampler: str = "batched"
     tensorboard: bool = False
     choices: dict[str, str] = field(default_factory=dict)
     config_yaml: str = ""

@@ -89,6 +89,7 @@ def resolve(
         checkpoint_frequency=_positive_int(plain, "checkpoint.frequency", minimum=0),
         output_dir=Path(output_dir),
         trainable=_one_of(plain, "trainable", ("pbt_ready", "stock")),
+        sampler=_one_of(plain, "sampler", ("batched", "rllib")),
         tensorboard=_flag(plain, "tensorboard"),
         choices=dict(choices or {}),
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),

@@ -36,6 +36,9 @@ class PBTReady:
     sampling through rl_pbt's batched env loop (``rl_pbt.sampler``) and a fused Adam step
     (``rl_pbt.learners``)."""
 
+    #: False: RLlib's own env runner loop (config ``sampler=rllib``).
+    batched_sampler: bool = True
+
     @classmethod
     def get_default_config(cls) -> Any:
         """RLlib's defaults with rl_pbt's env runner and learner; a config that names its own
@@ -44,7 +47,7 @@ class PBTReady:
         from rl_pbt.sampler import FastEnvRunner
 
         config = super().get_default_config()  # type: ignore[misc]
-        if config.env_runner_cls is None:
+        if cls.batched_sampler and config.env_runner_cls is None:
             config.env_runners(env_runner_cls=FastEnvRunner)
         learner = fused_learner(config.get_default_learner_class())
         if learner is not None and config._learner_class is None:
@@ -201,7 +204,9 @@ def _digest(learner: Any) -> str:
 
 
 @cache
-def pbt_trainable(algorithm_class: str) -> type:
-    """The PBT-ready subclass of an RLlib algorithm, e.g. ``ray.rllib.algorithms.ppo.PPO``."""
+def pbt_trainable(algorithm_class: str, batched_sampler: bool = True) -> type:
+    """The PBT-ready subclass of an RLlib algorithm, e.g. ``ray.rllib.algorithms.ppo.PPO``;
+    ``batched_sampler=False`` keeps RLlib's env runner loop."""
     base = import_object(algorithm_class)
-    return type(f"PBT{base.__name__}", (PBTReady, base), {"__module__": __name__})
+    return type(f"PBT{base.__name__}", (PBTReady, base),
+                {"__module__": __name__, "batched_sampler": batched_sampler})

@@ -133,6 +133,7 @@ def test_relative_sqlite_uri_is_anchored_at_the_launch_dir(tmp_path):
         (["scheduler.synch=maybe"], "scheduler.synch: must be true or false"),
         (["seed=abc"], "seed: must be an integer >= 0, got 'abc'"),
         (["tensorboard=maybe"], "tensorboard: must be true or false, got 'maybe'"),
+        (["sampler=fast"], "sampler: must be one of batched, rllib, got 'fast'"),
         (["max_failures=1.5"], "max_failures: must be an integer >= 0"),
         (["env=gym", "env.id=LunarLander-v3", "env.target_return=200"],
          "env: cannot build LunarLander-v3"),

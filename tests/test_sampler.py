@@ -126,6 +126,8 @@ def test_fast_loop_steps_aside_where_it_does_not_reproduce_rllib(settings, reaso
 def test_pbt_ready_trainable_samples_with_the_fast_loop_unless_told_otherwise():
     trainable = pbt_trainable("ray.rllib.algorithms.ppo.PPO")
     assert trainable.get_default_config().env_runner_cls is FastEnvRunner
+    rllibs = pbt_trainable("ray.rllib.algorithms.ppo.PPO", batched_sampler=False)  # sampler=rllib
+    assert rllibs.get_default_config().env_runner_cls is None
     config = trainable.get_default_config().update_from_dict(
         {"env_runner_cls": SingleAgentEnvRunner})
     assert config.env_runner_cls is SingleAgentEnvRunner
