@@ -20,7 +20,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+import tree
 from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.connectors import env_to_module, module_to_env
 from ray.rllib.core.columns import Columns
 from ray.rllib.env.env_runner import ENV_STEP_FAILURE
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
@@ -31,15 +33,16 @@ from ray.rllib.utils.metrics import (
 from ray.rllib.utils.numpy import convert_to_numpy
 from ray.rllib.utils.spaces.space_utils import clip_action, unsquash_action
 
-#: RLlib's default connector pieces (class names), which the fast loop replaces with array
-#: operations; any other piece in a pipeline sends sampling through RLlib's loop.
+#: RLlib's default connector pieces, which the fast loop replaces with array operations; any
+#: other piece in a pipeline sends sampling through RLlib's loop.
 DEFAULT_ENV_TO_MODULE = frozenset({
-    "AddObservationsFromEpisodesToBatch", "AddTimeDimToBatchAndZeroPad",
-    "AddStatesFromEpisodesToBatch", "AgentToModuleMapping", "BatchIndividualItems",
-    "NumpyToTensor"})
+    env_to_module.AddObservationsFromEpisodesToBatch, env_to_module.AddTimeDimToBatchAndZeroPad,
+    env_to_module.AddStatesFromEpisodesToBatch, env_to_module.AgentToModuleMapping,
+    env_to_module.BatchIndividualItems, env_to_module.NumpyToTensor})
 DEFAULT_MODULE_TO_ENV = frozenset({
-    "GetActions", "TensorToNumpy", "UnBatchToIndividualItems", "ModuleToAgentUnmapping",
-    "RemoveSingleTsTimeRankFromBatch", "NormalizeAndClipActions", "ListifyDataForVectorEnv"})
+    module_to_env.GetActions, module_to_env.TensorToNumpy, module_to_env.UnBatchToIndividualItems,
+    module_to_env.ModuleToAgentUnmapping, module_to_env.RemoveSingleTsTimeRankFromBatch,
+    module_to_env.NormalizeAndClipActions, module_to_env.ListifyDataForVectorEnv})
 
 
 class FastEnvRunner(SingleAgentEnvRunner):
@@ -48,7 +51,10 @@ class FastEnvRunner(SingleAgentEnvRunner):
     def __init__(self, *, config: Any, **kwargs: Any) -> None:
         super().__init__(config=config, **kwargs)
         self.fast_path_reason = self._why_not_fast()
+        self.last_sample_fast = False  # whether the latest sample() ran the batched loop
         self._step_callbacks = self._overrides("on_episode_step")
+        if self.module is not None:
+            self.module.eval()  # as RLlib's forward_exploration, once: no dropout at sampling
 
     @property
     def fast_path(self) -> bool:
@@ -63,13 +69,16 @@ class FastEnvRunner(SingleAgentEnvRunner):
             return "stateful module"
         obs_space = self.env.single_observation_space
         if not (isinstance(obs_space, gym.spaces.Box)
-                and np.issubdtype(obs_space.dtype, np.floating)):
+                and obs_space.dtype in (np.float32, np.float64)):  # RLlib keeps float16
             return f"observation space {obs_space}"
         if not isinstance(self.env.single_action_space, (gym.spaces.Discrete, gym.spaces.Box)):
             return f"action space {self.env.single_action_space}"
+        if not (self.config.add_default_connectors_to_env_to_module_pipeline
+                and self.config.add_default_connectors_to_module_to_env_pipeline):
+            return "default connectors switched off"
         for pipeline, known in ((self._env_to_module, DEFAULT_ENV_TO_MODULE),
                                 (self._module_to_env, DEFAULT_MODULE_TO_ENV)):
-            extra = {type(c).__name__ for c in pipeline.connectors} - known
+            extra = {type(c).__name__ for c in pipeline.connectors if type(c) not in known}
             if extra:
                 return f"custom connectors {sorted(extra)}"
         return None
@@ -83,8 +92,9 @@ class FastEnvRunner(SingleAgentEnvRunner):
     def _sample(self, *, num_timesteps: int | None = None, num_episodes: int | None = None,
                 explore: bool, random_actions: bool = False, force_reset: bool = False,
                 ) -> list[Any]:
-        if not (self.fast_path and num_timesteps is not None and explore
-                and not random_actions):
+        self.last_sample_fast = bool(self.fast_path and num_timesteps is not None and explore
+                                     and not random_actions)
+        if not self.last_sample_fast:
             return super()._sample(num_timesteps=num_timesteps, num_episodes=num_episodes,
                                    explore=explore, random_actions=random_actions,
                                    force_reset=force_reset)
@@ -102,6 +112,8 @@ class FastEnvRunner(SingleAgentEnvRunner):
         """
         episodes = self._ongoing_episodes
         obs_t = self._cached_to_module[Columns.OBS]  # RLlib's batch of last observations
+        if self.module.training:  # a set_state or a user put it back in train mode
+            self.module.eval()
         dist_cls = self.module.get_exploration_action_dist_cls()
         action_space = self.env.single_action_space
         seq_no = self._weights_seq_no
@@ -148,28 +160,36 @@ class FastEnvRunner(SingleAgentEnvRunner):
 
     def _add_to_episodes(self, episodes: list[Any], obs: np.ndarray, actions: np.ndarray,
                          rewards: np.ndarray, terminateds: np.ndarray, truncateds: np.ndarray,
-                         infos: list[dict], extra: dict[str, np.ndarray], seq_no: int,
+                         infos: list[dict], extra: dict[str, Any], seq_no: int,
                          done: list[Any]) -> int:
-        """Put one vector step into the episodes; return how many env steps it counted."""
-        steps = 0
+        """Put one vector step into the episodes; return how many env steps it counted.
+
+        As RLlib's loop: every env's data first, then the callbacks and finished episodes, so a
+        callback sees the whole vector step.
+        """
+        started = []
         for i, episode in enumerate(episodes):
             if not episode.is_reset:  # the env was auto-reset: this is its first observation
                 episode.add_env_reset(observation=obs[i], infos=infos[i])
-                self._make_on_episode_callback("on_episode_start", i, episodes)
+                started.append(i)
                 continue
-            steps += 1
-            outputs = {k: v[i] for k, v in extra.items()}
+            outputs = {k: v[i] if isinstance(v, np.ndarray) else tree.map_structure(
+                lambda x, i=i: x[i], v) for k, v in extra.items()}
             outputs[WEIGHTS_SEQ_NO] = seq_no
             episode.add_env_step(
                 observation=obs[i], action=actions[i], reward=rewards[i], infos=infos[i],
                 terminated=terminateds[i], truncated=truncateds[i], extra_model_outputs=outputs)
+        for i, episode in enumerate(episodes):
+            if i in started:
+                self._make_on_episode_callback("on_episode_start", i, episodes)
+                continue
             if self._step_callbacks:
                 self._make_on_episode_callback("on_episode_step", i, episodes)
             if episode.is_done:
                 self._make_on_episode_callback("on_episode_end", i, episodes)
                 done.append(episode.to_numpy() if self.episodes_to_numpy else episode)
                 self._new_episode(i, episodes)
-        return steps
+        return len(episodes) - len(started)
 
     def _finish_sample(self, steps: int, done: list[Any]) -> list[Any]:
         """RLlib's end of a timesteps sample: cut the ongoing episodes, count, return chunks."""

@@ -49,9 +49,12 @@ class PBTReady:
         config = super().get_default_config()  # type: ignore[misc]
         if cls.batched_sampler and config.env_runner_cls is None:
             config.env_runners(env_runner_cls=FastEnvRunner)
-        learner = fused_learner(config.get_default_learner_class())
-        if learner is not None and config._learner_class is None:
-            config.training(learner_class=learner)
+        try:
+            learner = fused_learner(config.get_default_learner_class())
+        except NotImplementedError:  # an algorithm without a default learner
+            learner = None
+        if learner is not None:
+            config.learners(learner_class=learner)
         return config
 
     def setup(self, config: Any) -> None:
@@ -153,7 +156,7 @@ def _instrument(algo: Any) -> None:
 def _time_sampling(algo: Any) -> None:
     """Add ``sample_s`` and ``sampled_steps`` to the probe: sampling alone, the part a bare env
     loop compares with (``scripts/benchmark.py``), whether the module sampled in eval mode and
-    whether rl_pbt's batched loop sampled (``FastEnvRunner.fast_path``).
+    whether rl_pbt's batched loop sampled (``FastEnvRunner.last_sample_fast``).
     Only where sampling runs in this process."""
     runner = _local_env_runner(algo)
     if runner is None:
@@ -167,7 +170,7 @@ def _time_sampling(algo: Any) -> None:
         probe["sample_s"] = probe.get("sample_s", 0.0) + time.perf_counter() - started
         probe["sampled_steps"] = probe.get("sampled_steps", 0) + sum(map(len, episodes))
         probe["sampled_in_eval_mode"] = not runner.module.training
-        probe["fast_sampler"] = getattr(runner, "fast_path", False)
+        probe["fast_sampler"] = getattr(runner, "last_sample_fast", False)
         return episodes
 
     runner.sample = timed_sample

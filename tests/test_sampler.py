@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.connectors.env_to_module import FlattenObservations
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
@@ -56,7 +57,7 @@ def _assert_same_episodes(ours: list, theirs: list) -> None:
             assert x.lookback == y.lookback, name
             assert x.data.dtype == y.data.dtype, name
             np.testing.assert_array_equal(x.data, y.data, err_msg=name)
-        assert len(a.infos) == len(b.infos)
+        assert list(a.infos) == list(b.infos)
 
 
 def _continued_ids(chunks: list[list]) -> list[int]:
@@ -89,21 +90,65 @@ def test_fast_loop_returns_rllibs_episodes(env, settings):
 
 
 def test_other_sampling_modes_go_through_rllibs_loop():
-    """Whole episodes and greedy actions are RLlib's loop; the fast loop goes on after them."""
+    """Greedy actions and whole episodes are RLlib's loop, before and after fast samples."""
     config = _config("CartPole-v1")
     runner = FastEnvRunner(config=config)
     reference = SingleAgentEnvRunner(config=config)
     reference.module.load_state_dict(runner.module.state_dict())
+    calls = ({"num_timesteps": 70}, {"num_timesteps": 50, "explore": False},
+             {"num_timesteps": 90}, {"num_episodes": 3}, {"num_timesteps": 120})
+    results = {}
     for sampler in (runner, reference):
-        torch.manual_seed(1)
-        episodes = sampler.sample(num_episodes=3)
-        torch.manual_seed(2)
-        greedy = sampler.sample(num_timesteps=50, explore=False)
-        torch.manual_seed(3)
-        after = sampler.sample(num_timesteps=120)
-        sampler.results = (episodes, greedy, after)
-    for ours, theirs in zip(runner.results, reference.results, strict=True):
+        results[sampler] = []
+        for seed, kwargs in enumerate(calls):
+            torch.manual_seed(seed)
+            results[sampler].append(sampler.sample(**kwargs))
+            if sampler is runner:
+                assert runner.last_sample_fast == (kwargs.get("explore", True)
+                                                   and "num_timesteps" in kwargs)
+    for ours, theirs in zip(results[runner], results[reference], strict=True):
         _assert_same_episodes(ours, theirs)
+
+
+class RecordingCallbacks(RLlibCallback):
+    """Every episode callback, with what the callback can see of all the runner's episodes."""
+
+    def _record(self, hook, *, episode, env_runner, env_index, **_):
+        seen = tuple((e.t, e.is_done) for e in env_runner._ongoing_episodes)
+        env_runner.calls.append((hook, env_index, episode.t, episode.is_done, seen))
+
+    def on_episode_start(self, **kwargs):
+        self._record("start", **kwargs)
+
+    def on_episode_step(self, **kwargs):
+        self._record("step", **kwargs)
+
+    def on_episode_end(self, **kwargs):
+        self._record("end", **kwargs)
+
+
+def test_episode_callbacks_see_what_they_see_in_rllibs_loop():
+    config = _config("CartPole-v1").callbacks(RecordingCallbacks)
+    runners = [cls(config=config) for cls in (SingleAgentEnvRunner, FastEnvRunner)]
+    runners[1].module.load_state_dict(runners[0].module.state_dict())
+    for runner in runners:
+        runner.calls = []
+        torch.manual_seed(0)
+        runner.sample(num_timesteps=200)
+    assert runners[1].fast_path
+    assert sum(c[0] == "end" for c in runners[0].calls) >= 2
+    assert runners[1].calls == runners[0].calls
+
+
+def test_fast_loop_samples_in_eval_mode():
+    """As RLlib's forward_exploration: no dropout or batch-norm updates while sampling."""
+    runner = FastEnvRunner(config=_config("CartPole-v1"))
+    modes = []
+    layer = next(m for m in runner.module.modules() if isinstance(m, torch.nn.Linear))
+    layer.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    runner.module.train()  # e.g. a caller switched it back
+    runner.sample(num_timesteps=20)
+    assert runner.last_sample_fast and modes and not any(modes)
 
 
 @pytest.mark.parametrize("settings, reason", [
