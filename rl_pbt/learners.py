@@ -22,6 +22,15 @@ class FusedAdamPPOLearner(PPOTorchLearner):
         self.register_optimizer(module_id=module_id, optimizer=torch.optim.Adam(params, fused=True),
                                 params=params, lr_or_lr_schedule=config.lr)
 
+    def _set_optimizer_state(self, state: Any) -> None:
+        """Load as RLlib does, then fuse again: torch takes ``fused`` from the saved param
+        groups, so a checkpoint of RLlib's own Adam (an older run, ``trainable=stock``) would
+        turn the kernel off."""
+        super()._set_optimizer_state(state)
+        for optimizer in self._named_optimizers.values():
+            for group in optimizer.param_groups:
+                group["fused"] = True
+
 
 def fused_learner(default: type) -> type | None:
     """The fused counterpart of an algorithm's default learner class, if rl_pbt has one."""

@@ -36,3 +36,21 @@ def test_fused_adam_trains_saves_and_restores(ray_session, tmp_path):
     assert after["lr_first_update"] == pytest.approx(5e-4)  # the clone's own lr, not the saved
     algo.stop()
     clone.stop()
+
+
+def test_a_checkpoint_of_rllibs_own_adam_restores_fused(ray_session, tmp_path):
+    """torch takes ``fused`` from the saved param groups: RLlib's Adam saved it False."""
+    from ray.rllib.algorithms.ppo import PPO
+
+    config = {"env": "CartPole-v1", "num_env_runners": 0, "num_envs_per_env_runner": 2,
+              "train_batch_size_per_learner": 200, "minibatch_size": 100, "num_epochs": 1,
+              "_model_config": {"fcnet_hiddens": [8]}}
+    stock = PPO(config=config)
+    stock.train()
+    saved = stock.save(str(tmp_path / "stock")).checkpoint.path
+    stock.stop()
+    algo = pbt_trainable("ray.rllib.algorithms.ppo.PPO")(config=config)
+    algo.restore(saved)
+    assert all(g["fused"] for opt in _optimizers(algo) for g in opt.param_groups)
+    assert algo.train()["rl_pbt"]["updates"] > 0
+    algo.stop()
