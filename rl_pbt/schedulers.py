@@ -151,12 +151,14 @@ class RecordingExploits(ExploitListeners):
         self._reserved.append((trial.placement_group_factory, places))
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
-        """Ray's choice; places held for a new round are given back once no actor is kept or
-        no trial is waiting to run."""
+        """Ray's choice; places held for a new round are given back once no actor is kept, no
+        trial is waiting to run, or the next one needs other resources than the kept actors
+        hold (it could not take them, and they would keep its resources)."""
         choice = super().choose_trial_to_run(tune_controller)  # type: ignore[misc]
         if self._reserved:
             cache = _actor_cache(tune_controller)
-            if choice is None or not cache.num_cached_objects:
+            if (choice is None or not cache.num_cached_objects or any(
+                    choice.placement_group_factory != key for key, _ in self._reserved)):
                 for key, places in self._reserved:
                     cache.decrease_max(key, places)
                 self._reserved.clear()

@@ -95,7 +95,7 @@ def test_synchronous_round_closer_keeps_its_actor_until_the_next_round_takes_bot
     scheduler = pbt()
     scheduler._synch, scheduler._next_perturbation_sync = True, 4
     closer, behind = FakeTrial(Trial.RUNNING, "closer"), FakeTrial(Trial.PAUSED, "behind")
-    closer.placement_group_factory = "cpu"
+    closer.placement_group_factory = behind.placement_group_factory = "cpu"
     scheduler._trial_state = {behind: SimpleNamespace(last_train_time=2)}
     tune_controller = SimpleNamespace(get_trials=lambda: [behind], _actor_cache=cache)
     scheduler._keep_actors_for_next_round(tune_controller, closer)
@@ -108,6 +108,21 @@ def test_synchronous_round_closer_keeps_its_actor_until_the_next_round_takes_bot
     assert cache.pop_cached_object("cpu") == "closer"
     scheduler.choose_trial_to_run(tune_controller)  # both taken: the places are given back
     assert cache.total_max_objects == 0
+
+
+def test_places_held_for_a_round_are_given_back_to_a_trial_that_needs_other_resources():
+    cache = _ObjectCache(may_keep_one=True)
+    scheduler = pbt()
+    scheduler._synch, scheduler._next_perturbation_sync = True, 4
+    closer, behind = FakeTrial(Trial.RUNNING, "closer"), FakeTrial(Trial.PAUSED, "behind")
+    closer.placement_group_factory, behind.placement_group_factory = "1 cpu", "2 cpus"
+    scheduler._trial_state = {behind: SimpleNamespace(last_train_time=2)}
+    tune_controller = SimpleNamespace(get_trials=lambda: [behind], _actor_cache=cache)
+    scheduler._keep_actors_for_next_round(tune_controller, closer)
+    assert cache.cache_object("1 cpu", "closer")
+    assert scheduler.choose_trial_to_run(tune_controller) is behind
+    assert cache.total_max_objects == 0
+    assert list(cache.flush_cached_objects(force_all=True)) == ["closer"]
 
 
 def lockstep_trainable() -> type:
