@@ -53,8 +53,6 @@ class FastEnvRunner(SingleAgentEnvRunner):
         self.fast_path_reason = self._why_not_fast()
         self.last_sample_fast = False  # whether the latest sample() ran the batched loop
         self._step_callbacks = self._overrides("on_episode_step")
-        if self.module is not None:
-            self.module.eval()  # as RLlib's forward_exploration, once: no dropout at sampling
 
     @property
     def fast_path(self) -> bool:
@@ -92,6 +90,10 @@ class FastEnvRunner(SingleAgentEnvRunner):
     def _sample(self, *, num_timesteps: int | None = None, num_episodes: int | None = None,
                 explore: bool, random_actions: bool = False, force_reset: bool = False,
                 ) -> list[Any]:
+        if self.module is not None and self.module.training:
+            # Eval mode, as RLlib's forward passes set it, once instead of at every step (the
+            # fast loop calls the module directly); a set_state or a caller may switch it back.
+            self.module.eval()
         self.last_sample_fast = bool(self.fast_path and num_timesteps is not None and explore
                                      and not random_actions)
         if not self.last_sample_fast:
@@ -112,8 +114,6 @@ class FastEnvRunner(SingleAgentEnvRunner):
         """
         episodes = self._ongoing_episodes
         obs_t = self._cached_to_module[Columns.OBS]  # RLlib's batch of last observations
-        if self.module.training:  # a set_state or a user put it back in train mode
-            self.module.eval()
         dist_cls = self.module.get_exploration_action_dist_cls()
         action_space = self.env.single_action_space
         seq_no = self._weights_seq_no
