@@ -142,7 +142,7 @@ class RecordingExploits(ExploitListeners):
         keeps none yet; the first trial to wait for the round already holds that place, so
         the exploited trial's process is stopped. The next round then boots a new process for
         its second slot (5-7 s on 2 cores), which the first trial's hand-over kills when its
-        turn ends sooner: round after round, one slot idle (seen in 2 of 3 synch runs). Places
+        turn ends sooner: round after round, one slot idle (seen in 2 of 6 synch runs). Places
         for the kept actors are held until both are reused (:meth:`choose_trial_to_run`).
         """
         cache = _actor_cache(tune_controller)
