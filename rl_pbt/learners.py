@@ -1,21 +1,50 @@
-"""RLlib learners with a fused optimizer step.
+"""PPO's torch learner: RLlib's update, minus most of its per-minibatch overhead.
 
-RLlib's torch learner builds ``torch.optim.Adam(params)``, which on a CPU steps one parameter
-tensor at a time in Python (``_single_tensor_adam``). The fused kernel does the same update in
-one call: PPO's update on CartPole (48 minibatches of 256, 64x64 networks) went from 216 to
-195 ms per iteration here. Checkpoints are unchanged in form (the same Adam state).
+On CartPole (48 minibatches of 256 rows per update, 64x64 networks) torch's forward, backward
+and Adam step are the smaller part of RLlib's ``Learner.update``: the rest is bookkeeping per
+minibatch around tensor operations that each cost more than their arithmetic. ``LeanPPOLearner``
+keeps RLlib's update loop (its hooks, learner connector, metrics and results) and changes what
+runs inside it:
+
+- Adam steps with torch's fused kernel (RLlib's steps one tensor at a time in Python).
+- Minibatches are gathered by index (``rl_pbt.minibatches``: RLlib's rows, RLlib's draws).
+- The loss is RLlib's PPO loss in fewer operations (``rl_pbt.ppo_loss``); the statistics only
+  the last minibatch reports (``window=1``) are computed for that one only, and the module is
+  put in training mode once per update instead of at every minibatch.
+- Gradients are checked for nan/inf with one reduction instead of two checks per tensor;
+  RLlib's own handling runs when that one finds something.
+
+Measured side by side in one process (one trial, 6 epochs): the update took 152-154 ms against
+203-229 ms, and a categorical policy ends every update with bit-identical weights
+(``tests/test_learners.py``). Updates off the plain path (sequences, a stateful or custom
+module, a custom loss, several learners, grad scalers, a compiled update,
+``num_total_minibatches``) run RLlib's update unchanged; ``lean_update_reason`` names why.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from ray.rllib.algorithms.ppo.torch.default_ppo_torch_rl_module import DefaultPPOTorchRLModule
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.core.columns import Columns
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
+from ray.rllib.utils.minibatch_utils import MiniBatchCyclicIterator
+
+from rl_pbt.minibatches import cyclic_minibatches
+from rl_pbt.ppo_loss import LOSS_COLUMNS, is_categorical, ppo_loss, ppo_stats
+
+#: Columns the update reads when the batch has them: the loss mask, and the weights' version
+#: each step was sampled with (RLlib's off-policyness metric).
+_OPTIONAL_COLUMNS = (Columns.LOSS_MASK, WEIGHTS_SEQ_NO)
 
 
 class FusedAdamPPOLearner(PPOTorchLearner):
-    """PPO's torch learner; its Adam uses the fused kernel."""
+    """PPO's torch learner; its Adam uses the fused kernel (195 against 216 ms per CartPole
+    update). Checkpoints are unchanged in form (the same Adam state)."""
 
     def configure_optimizers_for_module(self, module_id: Any, config: Any = None) -> None:
         params = self.get_parameters(self._module[module_id])
@@ -32,6 +61,129 @@ class FusedAdamPPOLearner(PPOTorchLearner):
                 group["fused"] = True
 
 
-def fused_learner(default: type) -> type | None:
-    """The fused counterpart of an algorithm's default learner class, if rl_pbt has one."""
-    return FusedAdamPPOLearner if default is PPOTorchLearner else None
+class LeanPPOLearner(FusedAdamPPOLearner):
+    """RLlib's PPO update with index minibatches, a leaner loss and one finiteness check."""
+
+    #: None while the lean update runs; else why this update runs RLlib's own.
+    lean_update_reason: str | None = "no update yet"
+    _final_minibatch: bool = False
+
+    def _create_iterator_if_necessary(self, *, training_data: Any, **kwargs: Any) -> Any:
+        iterator = super()._create_iterator_if_necessary(training_data=training_data, **kwargs)
+        self.lean_update_reason = self._lean_reason(iterator)
+        if self.lean_update_reason is not None:
+            return iterator
+        return self._index_minibatches(iterator)
+
+    def _lean_reason(self, iterator: Any) -> str | None:
+        """Why this update cannot run lean, or None."""
+        if type(iterator) is not MiniBatchCyclicIterator:
+            return f"RLlib iterates with {type(iterator).__name__}"
+        if iterator._num_total_minibatches:
+            return "num_total_minibatches is set"
+        if self.config.num_learners > 1 or self._grad_scalers is not None:
+            return "several learners or grad scalers"
+        if self.config.torch_compile_learner:
+            return "torch_compile_learner"
+        if type(self).compute_loss_for_module is not LeanPPOLearner.compute_loss_for_module:
+            return "a custom loss"
+        if len(iterator._batch.policy_batches) != 1:
+            return "more than one module to update"
+        (module_id, batch), = iterator._batch.policy_batches.items()
+        module = self.module[module_id].unwrapped()
+        if (type(module) is not DefaultPPOTorchRLModule or module.is_stateful()
+                or module.inference_only):
+            return f"module {type(module).__name__} is not RLlib's stateless default"
+        if SampleBatch.SEQ_LENS in batch:
+            return "the batch has sequences"
+        for column in (*LOSS_COLUMNS, *_OPTIONAL_COLUMNS):
+            value = batch.get(column)
+            if column not in _OPTIONAL_COLUMNS and value is None:
+                return f"the batch has no {column} column"
+            if value is not None and not (torch.is_tensor(value) and len(value) == len(batch)):
+                return f"column {column} is not one tensor row per step"
+        return None
+
+    def _index_minibatches(self, iterator: MiniBatchCyclicIterator) -> Iterator[MultiAgentBatch]:
+        """RLlib's minibatches in RLlib's order, each column gathered once by index; the last
+        one is flagged for the statistics RLlib reports from it."""
+        (module_id, batch), = iterator._batch.policy_batches.items()
+        columns = {name: batch[name] for name in (*LOSS_COLUMNS, *_OPTIONAL_COLUMNS)
+                   if name in batch}
+        device = batch[Columns.OBS].device
+        rows = cyclic_minibatches(len(batch), iterator._minibatch_size, iterator._num_epochs,
+                                  iterator._shuffle_batch_per_epoch)
+        env_steps = len(iterator._batch)
+        self.module[module_id].train()
+        try:
+            for position, minibatch_rows in enumerate(rows):
+                index = torch.as_tensor(minibatch_rows, device=device)
+                self._final_minibatch = position == len(rows) - 1
+                minibatch = SampleBatch({name: column.index_select(0, index)
+                                         for name, column in columns.items()})
+                yield MultiAgentBatch({module_id: minibatch}, env_steps)
+        finally:
+            self._final_minibatch = False
+
+    def _uncompiled_update(self, batch: dict, **kwargs: Any) -> tuple[dict, dict, dict]:
+        """RLlib's update step, with the module's training forward called directly: RLlib's
+        ``forward_train`` walks the module tree to ``train()`` it at every minibatch (done once
+        per update here, in ``_index_minibatches``)."""
+        if self.lean_update_reason is not None:
+            return super()._uncompiled_update(batch, **kwargs)
+        self._compute_off_policyness(batch)
+        fwd_out = {module_id: self.module[module_id]._forward_train(minibatch)
+                   for module_id, minibatch in batch.items()}
+        loss_per_module = self.compute_losses(fwd_out=fwd_out, batch=batch)
+        gradients = self.compute_gradients(loss_per_module)
+        self.apply_gradients(self.postprocess_gradients(gradients))
+        return fwd_out, loss_per_module, {}
+
+    def _compute_off_policyness(self, batch: Any) -> None:
+        """RLlib logs it per minibatch with ``window=1``: only the last one's is reported."""
+        if self.lean_update_reason is not None or self._final_minibatch:
+            super()._compute_off_policyness(batch)
+
+    def compute_loss_for_module(self, *, module_id: Any, config: Any, batch: Any,
+                                fwd_out: Any) -> Any:
+        if self.lean_update_reason is not None:
+            return super().compute_loss_for_module(module_id=module_id, config=config,
+                                                   batch=batch, fwd_out=fwd_out)
+        module = self.module[module_id].unwrapped()
+        total, terms = ppo_loss(
+            module, config, batch, fwd_out,
+            entropy_coeff=self.entropy_coeff_schedulers_per_module[module_id].get_current_value(),
+            kl_coeff=self.curr_kl_coeffs_per_module[module_id],
+            categorical=is_categorical(module))
+        if self._final_minibatch:
+            self.metrics.log_dict(ppo_stats(terms, batch), key=module_id, window=1)
+        return total
+
+    def apply_gradients(self, gradients_dict: Any) -> None:
+        """RLlib checks every gradient tensor for nan/inf twice (when setting it, and again
+        before each optimizer step), one reduction and one sync each; one norm over all of
+        them finds the same tensors (a nan or inf makes it non-finite). Anything unusual (a
+        non-finite gradient, lr schedulers, grad scalers) goes RLlib's way."""
+        grads = list(gradients_dict.values())
+        if (self.config.torch_skip_nan_gradients or not grads
+                or self._lr_scheduler_classes is not None or self._grad_scalers is not None
+                or any(grad is None for grad in grads) or not _all_finite(grads)):
+            return super().apply_gradients(gradients_dict)
+        for param_id, grad in gradients_dict.items():
+            self._params[param_id].grad = grad
+        for module_id, optimizer_names in self._module_optimizers.items():
+            for optimizer_name in optimizer_names:
+                self.get_optimizer(module_id, optimizer_name).step()
+        return None
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when no tensor holds a nan or inf. A norm that overflows (finite values above
+    ~1e19) also reads as not finite: the caller then checks tensor by tensor."""
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors)).sum()))
+
+
+def lean_learner(default: type) -> type | None:
+    """rl_pbt's counterpart of an algorithm's default learner class, if it has one."""
+    return LeanPPOLearner if default is PPOTorchLearner else None
+

@@ -43,14 +43,14 @@ class PBTReady:
     def get_default_config(cls) -> Any:
         """RLlib's defaults with rl_pbt's env runner and learner; a config that names its own
         runner or learner class wins."""
-        from rl_pbt.learners import fused_learner
+        from rl_pbt.learners import lean_learner
         from rl_pbt.sampler import FastEnvRunner
 
         config = super().get_default_config()  # type: ignore[misc]
         if cls.batched_sampler and config.env_runner_cls is None:
             config.env_runners(env_runner_cls=FastEnvRunner)
         try:
-            learner = fused_learner(config.get_default_learner_class())
+            learner = lean_learner(config.get_default_learner_class())
         except NotImplementedError:  # an algorithm without a default learner
             learner = None
         if learner is not None:
@@ -127,8 +127,9 @@ def _local_env_runner(algo: Any) -> Any:
 
 
 def _instrument(algo: Any) -> None:
-    """Record, at each update, the lr the optimizer steps with and the clip_param the loss uses,
-    and the seconds the in-process env runner spends sampling."""
+    """Record, at each update, the lr the optimizer steps with, the clip_param the loss uses and
+    whether rl_pbt's lean update ran (``LeanPPOLearner``), and the seconds the in-process env
+    runner spends sampling."""
     _time_sampling(algo)
     learner = _local_learner(algo)
     if learner is None:
@@ -142,6 +143,7 @@ def _instrument(algo: Any) -> None:
         probe.setdefault("lr_first_update", float(lrs[0]))
         probe["lr_last_update"] = float(lrs[0])
         probe["updates"] = probe.get("updates", 0) + 1
+        probe["lean_update"] = getattr(learner, "lean_update_reason", "RLlib's") is None
         return apply_gradients(gradients)
 
     def recording_loss(*, module_id: Any, config: Any, batch: Any, fwd_out: Any) -> Any:

@@ -1,11 +1,15 @@
-"""The PBT-ready trainable's learner steps Adam with the fused kernel, also after a restore."""
+"""The PBT-ready trainable's learner: Adam with the fused kernel (also after a restore), and
+RLlib's PPO update in fewer operations with the same result."""
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 
-from rl_pbt.learners import FusedAdamPPOLearner
+from rl_pbt.learners import FusedAdamPPOLearner, LeanPPOLearner
 from rl_pbt.trainable import _local_learner, pbt_trainable
 
 pytestmark = pytest.mark.slow
@@ -21,7 +25,7 @@ def test_fused_adam_trains_saves_and_restores(ray_session, tmp_path):
               "train_batch_size_per_learner": 200, "minibatch_size": 100, "num_epochs": 2,
               "_model_config": {"fcnet_hiddens": [8]}, "lr": 1e-3}
     algo = trainable(config=config)
-    assert isinstance(_local_learner(algo), FusedAdamPPOLearner)
+    assert isinstance(_local_learner(algo), LeanPPOLearner)
     assert all(g["fused"] for opt in _optimizers(algo) for g in opt.param_groups)
     result = algo.train()
     assert result["rl_pbt"]["digest_start"] != result["rl_pbt"]["digest_end"]  # it learned
@@ -54,3 +58,93 @@ def test_a_checkpoint_of_rllibs_own_adam_restores_fused(ray_session, tmp_path):
     assert all(g["fused"] for opt in _optimizers(algo) for g in opt.param_groups)
     assert algo.train()["rl_pbt"]["updates"] > 0
     algo.stop()
+
+
+def _learner_pair(env: str) -> tuple:
+    """RLlib's update (with the same fused Adam) and rl_pbt's lean one, same weights, and a
+    sample of episodes (PPO's learner connector changes episodes: each update gets a copy)."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+
+    from rl_pbt.sampler import FastEnvRunner
+
+    config = (PPOConfig().environment(env)
+              .env_runners(num_env_runners=0, num_envs_per_env_runner=4)
+              .training(num_epochs=3, minibatch_size=96, train_batch_size_per_learner=500)
+              .rl_module(model_config={"fcnet_hiddens": [16, 16]}).debugging(seed=2))
+    runner = FastEnvRunner(config=config)
+    spaces = (runner.env.single_observation_space, runner.env.single_action_space)
+    learners = [config.copy(copy_frozen=False).learners(learner_class=cls).build_learner(
+        env=None, spaces={"__env__": spaces, "default_policy": spaces})
+        for cls in (FusedAdamPPOLearner, LeanPPOLearner)]
+    learners[1].module.set_state(learners[0].module.get_state())
+    episodes = runner.sample(num_timesteps=500)
+    runner.stop()
+    return learners, episodes
+
+
+def _update_twice(learner, episodes) -> tuple[dict, float]:
+    np.random.seed(11)
+    torch.manual_seed(11)
+    for _ in range(2):
+        results = learner.update(episodes=copy.deepcopy(episodes), num_epochs=3,
+                                 minibatch_size=96, shuffle_batch_per_epoch=True,
+                                 timesteps={"num_env_steps_sampled_lifetime": 500})
+    return _flat(results), np.random.rand()
+
+
+def _flat(tree: dict, prefix: tuple = ()) -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, (*prefix, key)))
+        else:
+            flat[(*prefix, key)] = value.peek() if hasattr(value, "peek") else value
+    return flat
+
+
+@pytest.mark.parametrize("env", ["CartPole-v1", "Pendulum-v1"])
+def test_the_lean_update_is_rllibs_update(ray_session, env):
+    """Same minibatches (and numpy draws after them), same loss, same steps: a categorical
+    policy ends with bit-identical weights; a Gaussian one (RLlib's distribution classes,
+    their operations on other memory layouts) within float rounding. Every metric RLlib
+    reports is there with its value (timers aside)."""
+    (theirs, ours), episodes = _learner_pair(env)
+    their_metrics, their_draw = _update_twice(theirs, episodes)
+    our_metrics, our_draw = _update_twice(ours, episodes)
+    assert ours.lean_update_reason is None
+    assert our_draw == their_draw
+    their_weights = theirs.module.get_state()["default_policy"]
+    our_weights = ours.module.get_state()["default_policy"]
+    for name, value in their_weights.items():
+        if env == "CartPole-v1":
+            assert np.array_equal(our_weights[name], value), name
+        else:
+            np.testing.assert_allclose(our_weights[name], value, rtol=1e-5, atol=1e-6)
+    assert our_metrics.keys() == their_metrics.keys()
+    for key, value in their_metrics.items():
+        if not any("timer" in part or "throughput" in part for part in key):
+            np.testing.assert_allclose(our_metrics[key], value, rtol=1e-5, err_msg=str(key))
+
+
+def test_a_custom_loss_or_a_nan_gradient_goes_rllibs_way(ray_session):
+    """A subclass with its own loss runs RLlib's update; a nan gradient is zeroed as RLlib
+    zeroes it (the single finiteness check finds it and hands over)."""
+    (theirs, ours), episodes = _learner_pair("CartPole-v1")
+    for learner in (theirs, ours):  # same weights, fresh optimizers
+        grads = {pid: torch.ones_like(p) for pid, p in learner._params.items()}
+        first = next(iter(grads))
+        grads[first] = torch.full_like(grads[first], float("nan"))
+        learner.apply_gradients(grads)
+        assert torch.isfinite(learner._params[first]).all()
+    for name, value in theirs.module.get_state()["default_policy"].items():
+        assert np.array_equal(ours.module.get_state()["default_policy"][name], value), name
+
+    class OwnLoss(LeanPPOLearner):
+        def compute_loss_for_module(self, **kwargs):
+            return super().compute_loss_for_module(**kwargs) * 1.0
+
+    custom = OwnLoss.__new__(OwnLoss)
+    custom.__dict__.update(ours.__dict__)
+    custom.update(episodes=copy.deepcopy(episodes), num_epochs=1, minibatch_size=96,
+                  timesteps={"num_env_steps_sampled_lifetime": 500})
+    assert custom.lean_update_reason == "a custom loss"

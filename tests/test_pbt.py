@@ -55,6 +55,7 @@ def test_every_iteration_times_its_sampling(pbt_run):
         assert 400 <= row["probe"]["sampled_steps"] < 440
         assert row["probe"]["sampled_in_eval_mode"]  # no train/eval switch at each step
         assert row["probe"]["fast_sampler"]
+        assert row["probe"]["lean_update"]  # rl_pbt's minibatch loop and loss (test_learners)
 
 
 def test_exploit_trains_with_new_values_from_the_clones_weights(pbt_run):
