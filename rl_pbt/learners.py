@@ -183,7 +183,10 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors)).sum()))
 
 
-def lean_learner(default: type) -> type | None:
-    """rl_pbt's counterpart of an algorithm's default learner class, if it has one."""
-    return LeanPPOLearner if default is PPOTorchLearner else None
+def learner_for(default: type, lean_update: bool = True) -> type | None:
+    """rl_pbt's counterpart of an algorithm's default learner class, if it has one:
+    ``lean_update=False`` keeps RLlib's update (Adam still fused)."""
+    if default is not PPOTorchLearner:
+        return None
+    return LeanPPOLearner if lean_update else FusedAdamPPOLearner
 

@@ -102,6 +102,7 @@ class Plan:
     output_dir: Path
     trainable: str = "pbt_ready"
     sampler: str = "batched"
+    learner: str = "lean"
     tensorboard: bool = False
     choices: dict[str, str] = field(default_factory=dict)
     config_yaml: str = ""

@@ -90,6 +90,7 @@ def resolve(
         output_dir=Path(output_dir),
         trainable=_one_of(plain, "trainable", ("pbt_ready", "stock")),
         sampler=_one_of(plain, "sampler", ("batched", "rllib")),
+        learner=_one_of(plain, "learner", ("lean", "rllib")),
         tensorboard=_flag(plain, "tensorboard"),
         choices=dict(choices or {}),
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),

@@ -247,10 +247,12 @@ def _open_tracking(
 
 def _trainable(plan: Plan) -> type:
     """RLlib's own algorithm class (``trainable=stock``) or its PBT-ready subclass (sampling
-    with rl_pbt's batched loop unless ``sampler=rllib``)."""
+    with rl_pbt's batched loop unless ``sampler=rllib``, learning with its lean update unless
+    ``learner=rllib``)."""
     if plan.trainable == "stock":
         return import_object(plan.algorithm.algorithm_class)
-    return pbt_trainable(plan.algorithm.algorithm_class, plan.sampler == "batched")
+    return pbt_trainable(plan.algorithm.algorithm_class, plan.sampler == "batched",
+                         plan.learner == "lean")
 
 
 def result_files(plan: Plan) -> list[Any]:

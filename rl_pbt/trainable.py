@@ -38,19 +38,21 @@ class PBTReady:
 
     #: False: RLlib's own env runner loop (config ``sampler=rllib``).
     batched_sampler: bool = True
+    #: False: RLlib's own learner update, Adam still fused (config ``learner=rllib``).
+    lean_learner: bool = True
 
     @classmethod
     def get_default_config(cls) -> Any:
         """RLlib's defaults with rl_pbt's env runner and learner; a config that names its own
         runner or learner class wins."""
-        from rl_pbt.learners import lean_learner
+        from rl_pbt.learners import learner_for
         from rl_pbt.sampler import FastEnvRunner
 
         config = super().get_default_config()  # type: ignore[misc]
         if cls.batched_sampler and config.env_runner_cls is None:
             config.env_runners(env_runner_cls=FastEnvRunner)
         try:
-            learner = lean_learner(config.get_default_learner_class())
+            learner = learner_for(config.get_default_learner_class(), cls.lean_learner)
         except NotImplementedError:  # an algorithm without a default learner
             learner = None
         if learner is not None:
@@ -209,9 +211,12 @@ def _digest(learner: Any) -> str:
 
 
 @cache
-def pbt_trainable(algorithm_class: str, batched_sampler: bool = True) -> type:
+def pbt_trainable(algorithm_class: str, batched_sampler: bool = True,
+                  lean_learner: bool = True) -> type:
     """The PBT-ready subclass of an RLlib algorithm, e.g. ``ray.rllib.algorithms.ppo.PPO``;
-    ``batched_sampler=False`` keeps RLlib's env runner loop."""
+    ``batched_sampler=False`` keeps RLlib's env runner loop, ``lean_learner=False`` RLlib's
+    learner update (with the fused Adam step)."""
     base = import_object(algorithm_class)
     return type(f"PBT{base.__name__}", (PBTReady, base),
-                {"__module__": __name__, "batched_sampler": batched_sampler})
+                {"__module__": __name__, "batched_sampler": batched_sampler,
+                 "lean_learner": lean_learner})

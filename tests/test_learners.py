@@ -148,3 +148,16 @@ def test_a_custom_loss_or_a_nan_gradient_goes_rllibs_way(ray_session):
     custom.update(episodes=copy.deepcopy(episodes), num_epochs=1, minibatch_size=96,
                   timesteps={"num_env_steps_sampled_lifetime": 500})
     assert custom.lean_update_reason == "a custom loss"
+
+
+def test_learner_rllib_keeps_rllibs_update(ray_session):
+    """``learner=rllib``: RLlib's update (Adam still fused), and the probe says so."""
+    config = {"env": "CartPole-v1", "num_env_runners": 0, "num_envs_per_env_runner": 2,
+              "train_batch_size_per_learner": 200, "minibatch_size": 100, "num_epochs": 1,
+              "_model_config": {"fcnet_hiddens": [8]}}
+    for lean in (False, True):
+        algo = pbt_trainable("ray.rllib.algorithms.ppo.PPO", lean_learner=lean)(config=config)
+        expected = LeanPPOLearner if lean else FusedAdamPPOLearner
+        assert type(_local_learner(algo)) is expected
+        assert algo.train()["rl_pbt"]["lean_update"] is lean
+        algo.stop()

@@ -134,6 +134,7 @@ def test_relative_sqlite_uri_is_anchored_at_the_launch_dir(tmp_path):
         (["seed=abc"], "seed: must be an integer >= 0, got 'abc'"),
         (["tensorboard=maybe"], "tensorboard: must be true or false, got 'maybe'"),
         (["sampler=fast"], "sampler: must be one of batched, rllib, got 'fast'"),
+        (["learner=fast"], "learner: must be one of lean, rllib, got 'fast'"),
         (["max_failures=1.5"], "max_failures: must be an integer >= 0"),
         (["env=gym", "env.id=LunarLander-v3", "env.target_return=200"],
          "env: cannot build LunarLander-v3"),
