@@ -47,7 +47,7 @@ class LossTerms:
     vf_loss: torch.Tensor
     vf_loss_clipped: torch.Tensor
     values: torch.Tensor
-    mean_entropy: torch.Tensor
+    entropy: torch.Tensor
     mean_kl: torch.Tensor
 
 
@@ -107,7 +107,6 @@ def ppo_loss(module: Any, config: Any, batch: Any, fwd_out: dict, *, entropy_coe
                               config.use_kl_loss)
     ratio = torch.exp(logp - batch[Columns.ACTION_LOGP])
     mean_kl = mean(kl) if kl is not None else torch.tensor(0.0, device=ratio.device)
-    mean_entropy = mean(entropy)
     advantages = batch[Postprocessing.ADVANTAGES]
     surrogate = torch.min(advantages * ratio, advantages * torch.clamp(
         ratio, 1 - config.clip_param, 1 + config.clip_param))
@@ -121,7 +120,7 @@ def ppo_loss(module: Any, config: Any, batch: Any, fwd_out: dict, *, entropy_coe
                        - entropy_coeff * entropy)
     if config.use_kl_loss:
         total += kl_coeff * mean_kl
-    return total, LossTerms(surrogate, vf_loss, vf_loss_clipped, values, mean_entropy, mean_kl)
+    return total, LossTerms(surrogate, vf_loss, vf_loss_clipped, values, entropy, mean_kl)
 
 
 def ppo_stats(terms: LossTerms, batch: Any) -> dict[str, torch.Tensor]:
@@ -134,6 +133,6 @@ def ppo_stats(terms: LossTerms, batch: Any) -> dict[str, torch.Tensor]:
         LEARNER_RESULTS_VF_LOSS_UNCLIPPED_KEY: mean(terms.vf_loss),
         LEARNER_RESULTS_VF_EXPLAINED_VAR_KEY: explained_variance(
             batch[Postprocessing.VALUE_TARGETS], terms.values),
-        ENTROPY_KEY: terms.mean_entropy,
+        ENTROPY_KEY: mean(terms.entropy),
         LEARNER_RESULTS_KL_KEY: terms.mean_kl,
     }
