@@ -110,6 +110,30 @@ def test_synchronous_round_closer_keeps_its_actor_until_the_next_round_takes_bot
     assert cache.total_max_objects == 0
 
 
+@pytest.mark.parametrize(("status", "closes_round", "expected"), [
+    (Trial.RUNNING, True, TrialScheduler.CONTINUE),  # the round opener keeps training
+    (Trial.PAUSED, True, TrialScheduler.PAUSE),      # exploited: Ray paused it, it stays paused
+    (Trial.RUNNING, False, TrialScheduler.PAUSE),    # a waiter for the round: Ray's pause
+])
+def test_synchronous_round_closer_opens_the_next_round(monkeypatch, status, closes_round,
+                                                       expected):
+    """Ray pauses every trial at the sync point, also the one whose result closes the round (it
+    moves the next sync point then); that one keeps running instead, unless its exploit
+    paused it."""
+    scheduler = pbt()
+    scheduler._synch, scheduler._next_perturbation_sync = True, 4
+    trial = FakeTrial(status, "closer")
+    scheduler._trial_state = {trial: SimpleNamespace(last_train_time=4)}
+
+    def rays_decision(self, tune_controller, trial, result):
+        if closes_round:
+            self._next_perturbation_sync = 5
+        return TrialScheduler.PAUSE
+
+    monkeypatch.setattr(PopulationBasedTraining, "on_trial_result", rays_decision)
+    assert scheduler.on_trial_result(controller(trial), trial, {}) == expected
+
+
 def test_places_held_for_a_round_are_given_back_to_a_trial_that_needs_other_resources():
     cache = _ObjectCache(may_keep_one=True)
     scheduler = pbt()
