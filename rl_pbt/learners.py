@@ -17,8 +17,10 @@ runs inside it:
 Measured side by side in one process (one trial, 6 epochs): the update took 152-154 ms against
 203-229 ms, and a categorical policy ends every update with bit-identical weights
 (``tests/test_learners.py``). Updates off the plain path (sequences, a stateful or custom
-module, a custom loss, several learners, grad scalers, a compiled update,
+module, a custom loss, no critic, several learners, grad scalers, a compiled update,
 ``num_total_minibatches``) run RLlib's update unchanged; ``lean_update_reason`` names why.
+Relies on RLlib 2.60's internals (its iterator's fields, ``_uncompiled_update``), which
+``pyproject.toml`` pins.
 """
 
 from __future__ import annotations
@@ -64,16 +66,24 @@ class FusedAdamPPOLearner(PPOTorchLearner):
 class LeanPPOLearner(FusedAdamPPOLearner):
     """RLlib's PPO update with index minibatches, a leaner loss and one finiteness check."""
 
-    #: None while the lean update runs; else why this update runs RLlib's own.
+    #: None when the last update ran lean; else why it ran RLlib's own.
     lean_update_reason: str | None = "no update yet"
-    _final_minibatch: bool = False
+    #: True only inside a lean update's minibatch loop (calls from elsewhere go RLlib's way).
+    _lean_active: bool = False
+    #: The minibatch whose statistics RLlib reports (the last one), told apart by identity.
+    _final_batch: Any = None
 
     def _create_iterator_if_necessary(self, *, training_data: Any, **kwargs: Any) -> Any:
         iterator = super()._create_iterator_if_necessary(training_data=training_data, **kwargs)
         self.lean_update_reason = self._lean_reason(iterator)
-        if self.lean_update_reason is not None:
+        self._lean_active, self._final_batch = self.lean_update_reason is None, None
+        if not self._lean_active:
             return iterator
         return self._index_minibatches(iterator)
+
+    def after_gradient_based_update(self, *, timesteps: dict) -> None:
+        self._lean_active, self._final_batch = False, None
+        super().after_gradient_based_update(timesteps=timesteps)
 
     def _lean_reason(self, iterator: Any) -> str | None:
         """Why this update cannot run lean, or None."""
@@ -94,6 +104,8 @@ class LeanPPOLearner(FusedAdamPPOLearner):
         if (type(module) is not DefaultPPOTorchRLModule or module.is_stateful()
                 or module.inference_only):
             return f"module {type(module).__name__} is not RLlib's stateless default"
+        if not self.config.get_config_for_module(module_id).use_critic:
+            return "use_critic is off"
         if SampleBatch.SEQ_LENS in batch:
             return "the batch has sequences"
         for column in (*LOSS_COLUMNS, *_OPTIONAL_COLUMNS):
@@ -106,7 +118,9 @@ class LeanPPOLearner(FusedAdamPPOLearner):
 
     def _index_minibatches(self, iterator: MiniBatchCyclicIterator) -> Iterator[MultiAgentBatch]:
         """RLlib's minibatches in RLlib's order, each column gathered once by index; the last
-        one is flagged for the statistics RLlib reports from it."""
+        one is marked for the statistics RLlib reports from it. All of an update's permutations
+        are drawn before its first minibatch (RLlib draws each at its epoch's end): the same
+        stream, unless something else draws from numpy's global generator during the update."""
         (module_id, batch), = iterator._batch.policy_batches.items()
         columns = {name: batch[name] for name in (*LOSS_COLUMNS, *_OPTIONAL_COLUMNS)
                    if name in batch}
@@ -115,21 +129,19 @@ class LeanPPOLearner(FusedAdamPPOLearner):
                                   iterator._shuffle_batch_per_epoch)
         env_steps = len(iterator._batch)
         self.module[module_id].train()
-        try:
-            for position, minibatch_rows in enumerate(rows):
-                index = torch.as_tensor(minibatch_rows, device=device)
-                self._final_minibatch = position == len(rows) - 1
-                minibatch = SampleBatch({name: column.index_select(0, index)
-                                         for name, column in columns.items()})
-                yield MultiAgentBatch({module_id: minibatch}, env_steps)
-        finally:
-            self._final_minibatch = False
+        for position, minibatch_rows in enumerate(rows):
+            index = torch.as_tensor(minibatch_rows, device=device)
+            minibatch = SampleBatch({name: column.index_select(0, index)
+                                     for name, column in columns.items()})
+            if position == len(rows) - 1:
+                self._final_batch = minibatch
+            yield MultiAgentBatch({module_id: minibatch}, env_steps)
 
     def _uncompiled_update(self, batch: dict, **kwargs: Any) -> tuple[dict, dict, dict]:
         """RLlib's update step, with the module's training forward called directly: RLlib's
         ``forward_train`` walks the module tree to ``train()`` it at every minibatch (done once
         per update here, in ``_index_minibatches``)."""
-        if self.lean_update_reason is not None:
+        if not self._lean_active:
             return super()._uncompiled_update(batch, **kwargs)
         self._compute_off_policyness(batch)
         fwd_out = {module_id: self.module[module_id]._forward_train(minibatch)
@@ -141,12 +153,12 @@ class LeanPPOLearner(FusedAdamPPOLearner):
 
     def _compute_off_policyness(self, batch: Any) -> None:
         """RLlib logs it per minibatch with ``window=1``: only the last one's is reported."""
-        if self.lean_update_reason is not None or self._final_minibatch:
+        if not self._lean_active or any(b is self._final_batch for b in batch.values()):
             super()._compute_off_policyness(batch)
 
     def compute_loss_for_module(self, *, module_id: Any, config: Any, batch: Any,
                                 fwd_out: Any) -> Any:
-        if self.lean_update_reason is not None:
+        if not self._lean_active:
             return super().compute_loss_for_module(module_id=module_id, config=config,
                                                    batch=batch, fwd_out=fwd_out)
         module = self.module[module_id].unwrapped()
@@ -155,7 +167,7 @@ class LeanPPOLearner(FusedAdamPPOLearner):
             entropy_coeff=self.entropy_coeff_schedulers_per_module[module_id].get_current_value(),
             kl_coeff=self.curr_kl_coeffs_per_module[module_id],
             categorical=is_categorical(module))
-        if self._final_minibatch:
+        if batch is self._final_batch:
             self.metrics.log_dict(ppo_stats(terms, batch), key=module_id, window=1)
         return total
 

@@ -54,17 +54,21 @@ class LossTerms:
 def _categorical_terms(logits: torch.Tensor, prev_logits: torch.Tensor, actions: torch.Tensor,
                        with_kl: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Log-likelihood of ``actions``, KL(prev || current) and entropy, as torch's Categorical
-    computes them."""
+    computes them and in the order RLlib's loss makes it compute them (the probabilities are
+    computed lazily, inside the KL): autograd sums the gradients of shared terms in the order
+    the graph was built, so the same order gives the same weights bit for bit."""
     logits = logits - logits.logsumexp(dim=-1, keepdim=True)
-    probs = torch.softmax(logits, dim=-1)
     logp = logits.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
     kl = None
     if with_kl:
         prev_logits = prev_logits - prev_logits.logsumexp(dim=-1, keepdim=True)
         prev_probs = torch.softmax(prev_logits, dim=-1)
         per_action = prev_probs * (prev_logits - logits)
+        probs = torch.softmax(logits, dim=-1)
         per_action = torch.where(probs == 0, torch.inf, per_action)
         kl = torch.where(prev_probs == 0, 0.0, per_action).sum(-1)
+    else:
+        probs = torch.softmax(logits, dim=-1)
     min_real = torch.finfo(logits.dtype).min
     entropy = -(torch.clamp(logits, min=min_real) * probs).sum(-1)
     return logp, kl, entropy

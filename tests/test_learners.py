@@ -60,7 +60,7 @@ def test_a_checkpoint_of_rllibs_own_adam_restores_fused(ray_session, tmp_path):
     algo.stop()
 
 
-def _learner_pair(env: str) -> tuple:
+def _learner_pair(env: str, **training) -> tuple:
     """RLlib's update (with the same fused Adam) and rl_pbt's lean one, same weights, and a
     sample of episodes (PPO's learner connector changes episodes: each update gets a copy)."""
     from ray.rllib.algorithms.ppo import PPOConfig
@@ -69,7 +69,8 @@ def _learner_pair(env: str) -> tuple:
 
     config = (PPOConfig().environment(env)
               .env_runners(num_env_runners=0, num_envs_per_env_runner=4)
-              .training(num_epochs=3, minibatch_size=96, train_batch_size_per_learner=500)
+              .training(num_epochs=3, minibatch_size=96, train_batch_size_per_learner=500,
+                        **training)
               .rl_module(model_config={"fcnet_hiddens": [16, 16]}).debugging(seed=2))
     runner = FastEnvRunner(config=config)
     spaces = (runner.env.single_observation_space, runner.env.single_action_space)
@@ -102,13 +103,17 @@ def _flat(tree: dict, prefix: tuple = ()) -> dict:
     return flat
 
 
-@pytest.mark.parametrize("env", ["CartPole-v1", "Pendulum-v1"])
-def test_the_lean_update_is_rllibs_update(ray_session, env):
+@pytest.mark.parametrize(("env", "training"), [
+    ("CartPole-v1", {"entropy_coeff": 0.01}),
+    ("CartPole-v1", {"use_kl_loss": False, "grad_clip": 0.5}),
+    ("Pendulum-v1", {"entropy_coeff": 0.01}),
+])
+def test_the_lean_update_is_rllibs_update(ray_session, env, training):
     """Same minibatches (and numpy draws after them), same loss, same steps: a categorical
     policy ends with bit-identical weights; a Gaussian one (RLlib's distribution classes,
     their operations on other memory layouts) within float rounding. Every metric RLlib
     reports is there with its value (timers aside)."""
-    (theirs, ours), episodes = _learner_pair(env)
+    (theirs, ours), episodes = _learner_pair(env, **training)
     their_metrics, their_draw = _update_twice(theirs, episodes)
     our_metrics, our_draw = _update_twice(ours, episodes)
     assert ours.lean_update_reason is None

@@ -15,6 +15,8 @@ from rl_pbt.minibatches import cyclic_minibatches
     (512, 128, 2, True),   # a minibatch ends exactly at the batch's end
     (50, 96, 2, True),     # minibatch larger than the batch
     (300, 100, 1, False),
+    (300, 70, 2, False),   # unshuffled, wrapping mid-minibatch
+    (50, 130, 3, True),    # one minibatch wraps the batch more than twice
 ])
 def test_the_rows_and_the_random_stream_are_rllibs(rows, size, epochs, shuffle):
     np.random.seed(4)
