@@ -39,6 +39,15 @@ def trained_config(result: dict[str, Any], trial: Trial) -> dict[str, Any]:
     return result.get("config") or trial.config
 
 
+def trained_values(result: dict[str, Any], trial: Trial, keys: list[str]) -> dict[str, Any]:
+    """The values of ``keys`` a result was trained with. RLlib's config dict holds a setting it
+    exposes as a property under its private name (``train_batch_size_per_learner`` is
+    ``_train_batch_size_per_learner`` in ``AlgorithmConfig.to_dict()``): looked up there too,
+    or a mutated batch size would be recorded as missing."""
+    config = trained_config(result, trial)
+    return {key: config[key] if key in config else config.get(f"_{key}") for key in keys}
+
+
 class RunRecorder(Callback):
     """Append one line per trial result and per exploit under the run folder."""
 
@@ -72,7 +81,7 @@ class RunRecorder(Callback):
             # The driver's clock, the same as ExploitEvent.wall_time: orders results and
             # exploits exactly (Tune's timestamp is whole seconds, from the trial's process).
             "recorded_at": time.time(),
-            "hyperparameters": {k: trained_config(result, trial).get(k) for k in self.mutated},
+            "hyperparameters": trained_values(result, trial, self.mutated),
             "probe": result.get(PROBE),
         })
         self._flush()

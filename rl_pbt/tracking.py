@@ -22,7 +22,7 @@ from ray.tune.experiment import Trial
 
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import Plan, Tracking
-from rl_pbt.records import TRIALS_FILE, read_jsonl, trained_config, trial_error
+from rl_pbt.records import TRIALS_FILE, read_jsonl, trained_values, trial_error
 from rl_pbt.schedulers import ExploitEvent
 from rl_pbt.stopping import ENV_STEPS, result_value
 from rl_pbt.values import finite, first_line
@@ -233,8 +233,8 @@ class MlflowTracker(Callback):
             self.running.add(run_id)
         self.steps[trial.trial_id] += 1
         values = {name: result_value(result, key) for key, name in RESULT_METRICS.items()}
-        config = trained_config(result, trial)
-        values.update({f"hp.{k}": config.get(k) for k in self.mutated})
+        trained = trained_values(result, trial, self.mutated)
+        values.update({f"hp.{key}": value for key, value in trained.items()})
         self._log_step(run_id, self.steps[trial.trial_id], result.get("timestamp"), values)
 
     def _log_step(self, run_id: str, step: int, timestamp: float | None,

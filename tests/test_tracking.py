@@ -208,3 +208,30 @@ def test_a_crash_mid_run_leaves_no_mlflow_run_running(plan, ray_session, monkeyp
     runs = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
     assert len(runs) == 2
     assert {r.info.status for r in runs} == {"KILLED"}
+
+
+def test_a_mutated_batch_size_is_recorded_from_rllibs_config_dict(plan, tmp_path):
+    """RLlib keeps ``train_batch_size_per_learner`` as ``_train_batch_size_per_learner`` in the
+    config dict a result carries (mutations=wide mutates it): recorded, not None."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+
+    from rl_pbt.records import TRIALS_FILE, RunRecorder, read_jsonl
+
+    keys = ["lr", "train_batch_size_per_learner"]
+    config = PPOConfig().training(lr=2e-4, train_batch_size_per_learner=3000).to_dict()
+    assert "train_batch_size_per_learner" not in config  # what made it go missing
+    result = {**_result(1, 10.0), "config": config}
+    trial = StandInTrial("a", {"lr": 1e-4, "train_batch_size_per_learner": 1000})
+    recorder = RunRecorder(tmp_path, plan.stop.metric, keys)
+    recorder.on_trial_result(0, [trial], trial, result)
+    assert read_jsonl(tmp_path / TRIALS_FILE)[0]["hyperparameters"] == {
+        "lr": 2e-4, "train_batch_size_per_learner": 3000}
+    tracker = MlflowTracker(plan)
+    tracker.mutated = keys
+    tracker.open({})
+    tracker.on_trial_start(0, [trial], trial)
+    tracker.on_trial_result(0, [trial], trial, result)
+    tracker.close({})
+    history = MlflowClient(plan.tracking.tracking_uri).get_metric_history(
+        tracker.children["a"], "hp.train_batch_size_per_learner")
+    assert [m.value for m in history] == [3000]
