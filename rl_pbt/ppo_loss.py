@@ -102,7 +102,8 @@ def _mean_over(batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def ppo_loss(module: Any, config: Any, batch: Any, fwd_out: dict, *, entropy_coeff: float,
              kl_coeff: torch.Tensor, categorical: bool) -> tuple[torch.Tensor, LossTerms]:
-    """PPO's total loss for one minibatch, in RLlib's order of terms."""
+    """PPO's total loss for one minibatch, in RLlib's order of terms. For a module with a
+    critic: without one (``use_critic=False``) the learner runs RLlib's own loss."""
     mean = _mean_over(batch)
     terms = _categorical_terms if categorical else (
         lambda *args: _distribution_terms(module, *args))
@@ -114,14 +115,11 @@ def ppo_loss(module: Any, config: Any, batch: Any, fwd_out: dict, *, entropy_coe
     advantages = batch[Postprocessing.ADVANTAGES]
     surrogate = torch.min(advantages * ratio, advantages * torch.clamp(
         ratio, 1 - config.clip_param, 1 + config.clip_param))
-    if config.use_critic:
-        values = module.compute_values(batch, embeddings=fwd_out.get(Columns.EMBEDDINGS))
-        vf_loss = torch.pow(values - batch[Postprocessing.VALUE_TARGETS], 2.0)
-        vf_loss_clipped = torch.clamp(vf_loss, 0, config.vf_clip_param)
-    else:
-        values = vf_loss = vf_loss_clipped = torch.tensor(0.0, device=surrogate.device)
+    values = module.compute_values(batch, embeddings=fwd_out.get(Columns.EMBEDDINGS))
+    vf_loss = torch.pow(values - batch[Postprocessing.VALUE_TARGETS], 2.0)
+    vf_loss_clipped = torch.clamp(vf_loss, 0, config.vf_clip_param)
     total = mean(-surrogate + config.vf_loss_coeff * vf_loss_clipped
-                       - entropy_coeff * entropy)
+                 - entropy_coeff * entropy)
     if config.use_kl_loss:
         total += kl_coeff * mean_kl
     return total, LossTerms(surrogate, vf_loss, vf_loss_clipped, values, entropy, mean_kl)
