@@ -36,6 +36,7 @@ from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 from ray.rllib.utils.minibatch_utils import MiniBatchCyclicIterator
 
+from rl_pbt.flat_module import FlatPPOModule
 from rl_pbt.minibatches import cyclic_minibatches
 from rl_pbt.ppo_loss import LOSS_COLUMNS, is_categorical, ppo_loss, ppo_stats
 
@@ -72,6 +73,10 @@ class LeanPPOLearner(FusedAdamPPOLearner):
     _lean_active: bool = False
     #: The minibatch whose statistics RLlib reports (the last one), told apart by identity.
     _final_batch: Any = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._flat_modules: dict[Any, tuple[Any, FlatPPOModule | None]] = {}
 
     def _create_iterator_if_necessary(self, *, training_data: Any, **kwargs: Any) -> Any:
         iterator = super()._create_iterator_if_necessary(training_data=training_data, **kwargs)
@@ -144,12 +149,29 @@ class LeanPPOLearner(FusedAdamPPOLearner):
         if not self._lean_active:
             return super()._uncompiled_update(batch, **kwargs)
         self._compute_off_policyness(batch)
-        fwd_out = {module_id: self.module[module_id]._forward_train(minibatch)
+        fwd_out = {module_id: self._forward_train(module_id, minibatch)
                    for module_id, minibatch in batch.items()}
         loss_per_module = self.compute_losses(fwd_out=fwd_out, batch=batch)
         gradients = self.compute_gradients(loss_per_module)
         self.apply_gradients(self.postprocess_gradients(gradients))
         return fwd_out, loss_per_module, {}
+
+    def _flat_module(self, module_id: Any) -> FlatPPOModule | None:
+        """The module's training pass as flat operations (``rl_pbt.flat_module``), found once
+        per module object."""
+        module = self.module[module_id].unwrapped()
+        cached = self._flat_modules.get(module_id)
+        if cached is None or cached[0] is not module:
+            flat = FlatPPOModule.of(module)
+            cached = self._flat_modules[module_id] = (module, flat if flat and flat.trains
+                                                      else None)
+        return cached[1]
+
+    def _forward_train(self, module_id: Any, minibatch: Any) -> dict[str, Any]:
+        flat = self._flat_module(module_id)
+        if flat is None:
+            return self.module[module_id]._forward_train(minibatch)
+        return flat.train(minibatch[Columns.OBS])
 
     def _compute_off_policyness(self, batch: Any) -> None:
         """RLlib logs it per minibatch with ``window=1``: only the last one's is reported."""
@@ -162,8 +184,9 @@ class LeanPPOLearner(FusedAdamPPOLearner):
             return super().compute_loss_for_module(module_id=module_id, config=config,
                                                    batch=batch, fwd_out=fwd_out)
         module = self.module[module_id].unwrapped()
+        flat = self._flat_module(module_id)
         total, terms = ppo_loss(
-            module, config, batch, fwd_out,
+            module, config, batch, fwd_out, value_head=flat.values if flat else None,
             entropy_coeff=self.entropy_coeff_schedulers_per_module[module_id].get_current_value(),
             kl_coeff=self.curr_kl_coeffs_per_module[module_id],
             categorical=is_categorical(module))

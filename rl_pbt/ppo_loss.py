@@ -101,9 +101,13 @@ def _mean_over(batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def ppo_loss(module: Any, config: Any, batch: Any, fwd_out: dict, *, entropy_coeff: float,
-             kl_coeff: torch.Tensor, categorical: bool) -> tuple[torch.Tensor, LossTerms]:
+             kl_coeff: torch.Tensor, categorical: bool,
+             value_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             ) -> tuple[torch.Tensor, LossTerms]:
     """PPO's total loss for one minibatch, in RLlib's order of terms. For a module with a
-    critic: without one (``use_critic=False``) the learner runs RLlib's own loss."""
+    critic: without one (``use_critic=False``) the learner runs RLlib's own loss.
+    ``value_head`` computes the values from the training pass's embeddings in place of the
+    module's ``compute_values`` (the flat pass of ``rl_pbt.flat_module``)."""
     mean = _mean_over(batch)
     terms = _categorical_terms if categorical else (
         lambda *args: _distribution_terms(module, *args))
@@ -115,7 +119,8 @@ def ppo_loss(module: Any, config: Any, batch: Any, fwd_out: dict, *, entropy_coe
     advantages = batch[Postprocessing.ADVANTAGES]
     surrogate = torch.min(advantages * ratio, advantages * torch.clamp(
         ratio, 1 - config.clip_param, 1 + config.clip_param))
-    values = module.compute_values(batch, embeddings=fwd_out.get(Columns.EMBEDDINGS))
+    values = (value_head(fwd_out[Columns.EMBEDDINGS]) if value_head is not None else
+              module.compute_values(batch, embeddings=fwd_out.get(Columns.EMBEDDINGS)))
     vf_loss = torch.pow(values - batch[Postprocessing.VALUE_TARGETS], 2.0)
     vf_loss_clipped = torch.clamp(vf_loss, 0, config.vf_clip_param)
     total = mean(-surrogate + config.vf_loss_coeff * vf_loss_clipped

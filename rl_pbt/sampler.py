@@ -24,6 +24,7 @@ import tree
 from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.connectors import env_to_module, module_to_env
 from ray.rllib.core.columns import Columns
+from ray.rllib.core.distribution.torch.torch_distribution import TorchCategorical
 from ray.rllib.env.env_runner import ENV_STEP_FAILURE
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.utils.metrics import (
@@ -32,6 +33,8 @@ from ray.rllib.utils.metrics import (
 )
 from ray.rllib.utils.numpy import convert_to_numpy
 from ray.rllib.utils.spaces.space_utils import clip_action, unsquash_action
+
+from rl_pbt.flat_module import FlatPPOModule, sample_categorical
 
 #: RLlib's default connector pieces, which the fast loop replaces with array operations; any
 #: other piece in a pipeline sends sampling through RLlib's loop.
@@ -53,6 +56,7 @@ class FastEnvRunner(SingleAgentEnvRunner):
         self.fast_path_reason = self._why_not_fast()
         self.last_sample_fast = False  # whether the latest sample() ran the batched loop
         self._step_callbacks = self._overrides("on_episode_step")
+        self._flat: tuple[Any, FlatPPOModule | None] | None = None
 
     @property
     def fast_path(self) -> bool:
@@ -115,6 +119,8 @@ class FastEnvRunner(SingleAgentEnvRunner):
         episodes = self._ongoing_episodes
         obs_t = self._cached_to_module[Columns.OBS]  # RLlib's batch of last observations
         dist_cls = self.module.get_exploration_action_dist_cls()
+        flat = self._flat_module()
+        categorical = dist_cls is TorchCategorical
         action_space = self.env.single_action_space
         seq_no = self._weights_seq_no
         num_runners = self.config.num_env_runners or 1
@@ -123,14 +129,13 @@ class FastEnvRunner(SingleAgentEnvRunner):
             started = time.perf_counter()
             t = (self.num_env_steps_sampled_lifetime // num_runners + steps) * num_runners
             with torch.no_grad():
-                out = dict(self.module._forward_exploration({Columns.OBS: obs_t}, t=t))
+                out = ({Columns.ACTION_DIST_INPUTS: flat.exploration(obs_t)} if flat else
+                       dict(self.module._forward_exploration({Columns.OBS: obs_t}, t=t)))
             self.metrics.log_value(RLMODULE_INFERENCE_TIMER, time.perf_counter() - started,
                                    reduce="ema")
             if Columns.ACTIONS not in out:  # as RLlib's GetActions
-                dist = dist_cls.from_logits(out[Columns.ACTION_DIST_INPUTS])
-                out[Columns.ACTIONS] = dist.sample()
-                out.setdefault(Columns.ACTION_LOGP, dist.logp(out[Columns.ACTIONS]))
-            out = convert_to_numpy(out)  # as RLlib's TensorToNumpy (int64 -> int32 too)
+                _get_actions(out, dist_cls, categorical)
+            out = _to_numpy(out)  # as RLlib's TensorToNumpy (int64 -> int32 too)
             actions = out.pop(Columns.ACTIONS)
             results = self._try_env_step(self._for_env(actions, action_space))
             if results is ENV_STEP_FAILURE:  # RLlib's rule: drop the chunk, reset all envs
@@ -147,6 +152,13 @@ class FastEnvRunner(SingleAgentEnvRunner):
         # What RLlib's env-to-module pipeline would have cached for the next forward pass.
         self._cached_to_module = {Columns.OBS: obs_t}
         return steps, done
+
+    def _flat_module(self) -> FlatPPOModule | None:
+        """The module's exploration pass as flat operations (``rl_pbt.flat_module``), found
+        once per module object (an exploit's rebuild makes a new one)."""
+        if self._flat is None or self._flat[0] is not self.module:
+            self._flat = (self.module, FlatPPOModule.of(self.module))
+        return self._flat[1]
 
     def _for_env(self, actions: np.ndarray, space: gym.Space) -> np.ndarray:
         """What RLlib's ``NormalizeAndClipActions`` sends to the env, for the whole batch."""
@@ -208,3 +220,30 @@ class FastEnvRunner(SingleAgentEnvRunner):
         self._increase_sampled_metrics(steps, len(done))
         return done + ongoing
 
+
+def _get_actions(out: dict[str, Any], dist_cls: Any, categorical: bool) -> None:
+    """RLlib's ``GetActions``: sample from the exploration distribution, keep the
+    log-likelihood; a plain categorical through torch's own operations, not its object."""
+    if categorical:
+        actions, logp = sample_categorical(out[Columns.ACTION_DIST_INPUTS])
+    else:
+        dist = dist_cls.from_logits(out[Columns.ACTION_DIST_INPUTS])
+        actions = dist.sample()
+        logp = None if Columns.ACTION_LOGP in out else dist.logp(actions)
+    out[Columns.ACTIONS] = actions
+    if Columns.ACTION_LOGP not in out:
+        out[Columns.ACTION_LOGP] = logp
+
+
+def _to_numpy(out: dict[str, Any]) -> dict[str, Any]:
+    """RLlib's ``convert_to_numpy`` (float64 -> float32, int64 -> int32), one call per column
+    for a flat dict of batched tensors, RLlib's tree walk for anything else."""
+    if not all(torch.is_tensor(v) and v.dim() for v in out.values()):
+        return convert_to_numpy(out)
+    arrays = {k: v.detach().cpu().numpy() for k, v in out.items()}
+    for key, array in arrays.items():
+        if np.issubdtype(array.dtype, np.floating) and array.dtype != np.float32:
+            arrays[key] = array.astype(np.float32)
+        elif np.issubdtype(array.dtype, int):
+            arrays[key] = array.astype(np.int32)
+    return arrays

@@ -117,6 +117,7 @@ def test_the_lean_update_is_rllibs_update(ray_session, env, training):
     their_metrics, their_draw = _update_twice(theirs, episodes)
     our_metrics, our_draw = _update_twice(ours, episodes)
     assert ours.lean_update_reason is None
+    assert ours._flat_module("default_policy") is not None  # the flat training pass ran
     assert our_draw == their_draw
     their_weights = theirs.module.get_state()["default_policy"]
     our_weights = ours.module.get_state()["default_policy"]
