@@ -52,14 +52,16 @@ class LossTerms:
 
 
 def _categorical_terms(logits: torch.Tensor, prev_logits: torch.Tensor, actions: torch.Tensor,
-                       with_kl: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                       with_kl: bool, entropy_grad: bool,
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Log-likelihood of ``actions``, KL(prev || current) and entropy, as torch's Categorical
     computes them and in the order RLlib's loss makes it compute them (the probabilities are
     computed lazily, inside the KL): autograd sums the gradients of shared terms in the order
-    the graph was built, so the same order gives the same weights bit for bit."""
+    the graph was built, so the same order gives the same weights bit for bit. Without
+    ``entropy_grad`` the entropy is computed outside the graph (for the statistics)."""
     logits = logits - logits.logsumexp(dim=-1, keepdim=True)
     logp = logits.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-    kl = None
+    kl, probs = None, None
     if with_kl:
         prev_logits = prev_logits - prev_logits.logsumexp(dim=-1, keepdim=True)
         prev_probs = torch.softmax(prev_logits, dim=-1)
@@ -67,21 +69,24 @@ def _categorical_terms(logits: torch.Tensor, prev_logits: torch.Tensor, actions:
         probs = torch.softmax(logits, dim=-1)
         per_action = torch.where(probs == 0, torch.inf, per_action)
         kl = torch.where(prev_probs == 0, 0.0, per_action).sum(-1)
-    else:
-        probs = torch.softmax(logits, dim=-1)
-    min_real = torch.finfo(logits.dtype).min
-    entropy = -(torch.clamp(logits, min=min_real) * probs).sum(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        if not with_kl:
+            probs = torch.softmax(logits, dim=-1)
+        min_real = torch.finfo(logits.dtype).min
+        entropy = -(torch.clamp(logits, min=min_real) * probs).sum(-1)
     return logp, kl, entropy
 
 
 def _distribution_terms(module: Any, logits: torch.Tensor, prev_logits: torch.Tensor,
-                        actions: torch.Tensor, with_kl: bool,
+                        actions: torch.Tensor, with_kl: bool, entropy_grad: bool,
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The same three terms through the module's own distribution classes (RLlib's way)."""
     current = module.get_train_action_dist_cls().from_logits(logits)
     previous = module.get_exploration_action_dist_cls().from_logits(prev_logits)
     kl = previous.kl(current) if with_kl else None
-    return current.logp(actions), kl, current.entropy()
+    logp = current.logp(actions)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return logp, kl, current.entropy()
 
 
 def is_categorical(module: Any) -> bool:
@@ -111,9 +116,13 @@ def ppo_loss(module: Any, config: Any, batch: Any, fwd_out: dict, *, entropy_coe
     mean = _mean_over(batch)
     terms = _categorical_terms if categorical else (
         lambda *args: _distribution_terms(module, *args))
+    # With no entropy term (PPO's default) RLlib's loss adds 0 * entropy, which changes
+    # neither the loss nor any gradient (finite terms); leaving it out of the graph saves its
+    # operations forward and backward at every minibatch.
+    entropy_grad = entropy_coeff != 0.0
     logp, kl, entropy = terms(fwd_out[Columns.ACTION_DIST_INPUTS],
                               batch[Columns.ACTION_DIST_INPUTS], batch[Columns.ACTIONS],
-                              config.use_kl_loss)
+                              config.use_kl_loss, entropy_grad)
     ratio = torch.exp(logp - batch[Columns.ACTION_LOGP])
     mean_kl = mean(kl) if kl is not None else torch.tensor(0.0, device=ratio.device)
     advantages = batch[Postprocessing.ADVANTAGES]
@@ -123,8 +132,8 @@ def ppo_loss(module: Any, config: Any, batch: Any, fwd_out: dict, *, entropy_coe
               module.compute_values(batch, embeddings=fwd_out.get(Columns.EMBEDDINGS)))
     vf_loss = torch.pow(values - batch[Postprocessing.VALUE_TARGETS], 2.0)
     vf_loss_clipped = torch.clamp(vf_loss, 0, config.vf_clip_param)
-    total = mean(-surrogate + config.vf_loss_coeff * vf_loss_clipped
-                 - entropy_coeff * entropy)
+    per_row = -surrogate + config.vf_loss_coeff * vf_loss_clipped
+    total = mean(per_row - entropy_coeff * entropy if entropy_grad else per_row)
     if config.use_kl_loss:
         total += kl_coeff * mean_kl
     return total, LossTerms(surrogate, vf_loss, vf_loss_clipped, values, entropy, mean_kl)

@@ -128,7 +128,9 @@ class FastEnvRunner(SingleAgentEnvRunner):
         while steps < num_timesteps:
             started = time.perf_counter()
             t = (self.num_env_steps_sampled_lifetime // num_runners + steps) * num_runners
-            with torch.no_grad():
+            # Inference mode for the flat pass (its outputs only become numpy arrays); a
+            # module's own pass keeps RLlib's no_grad.
+            with torch.inference_mode() if flat else torch.no_grad():
                 out = ({Columns.ACTION_DIST_INPUTS: flat.exploration(obs_t)} if flat else
                        dict(self.module._forward_exploration({Columns.OBS: obs_t}, t=t)))
             self.metrics.log_value(RLMODULE_INFERENCE_TIMER, time.perf_counter() - started,

@@ -104,6 +104,7 @@ def _flat(tree: dict, prefix: tuple = ()) -> dict:
 
 
 @pytest.mark.parametrize(("env", "training"), [
+    ("CartPole-v1", {}),  # PPO's defaults: KL term on, no entropy term
     ("CartPole-v1", {"entropy_coeff": 0.01}),
     ("CartPole-v1", {"use_kl_loss": False, "grad_clip": 0.5}),
     ("Pendulum-v1", {"entropy_coeff": 0.01}),

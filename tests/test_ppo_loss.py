@@ -29,7 +29,7 @@ def _torchs(logits: torch.Tensor) -> tuple:
 @pytest.mark.parametrize("with_kl", [True, False])
 def test_values_and_gradients_are_torchs(with_kl):
     grads = []
-    for terms in (_torchs, lambda x: _categorical_terms(x, PREV, ACTIONS, with_kl)):
+    for terms in (_torchs, lambda x: _categorical_terms(x, PREV, ACTIONS, with_kl, True)):
         logits = LOGITS.clone().requires_grad_(True)
         logp, kl, entropy = terms(logits)
         values = [logp, entropy] + ([kl] if with_kl else [])
@@ -42,3 +42,14 @@ def test_values_and_gradients_are_torchs(with_kl):
     for ours, theirs in zip(ours_values, their_values, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(our_grad, their_grad, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("with_kl", [True, False])
+def test_without_an_entropy_term_the_entropy_stays_out_of_the_graph(with_kl):
+    """PPO's default entropy_coeff=0: the same entropy for the statistics, no gradient path."""
+    logits = LOGITS.clone().requires_grad_(True)
+    logp, kl, entropy = _categorical_terms(logits, PREV, ACTIONS, with_kl, False)
+    their_entropy = _torchs(LOGITS)[2]
+    torch.testing.assert_close(entropy, their_entropy, rtol=0, atol=0, equal_nan=True)
+    assert not entropy.requires_grad
+    assert logp.requires_grad and (kl is None or kl.requires_grad)
