@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
@@ -50,8 +51,12 @@ RECORD_METRICS = {
     "time_total_s": "time_total_s",
     "time_this_iter_s": "time_this_iter_s",
 }
-#: Metric writes (one per result) queued before the older half is waited for.
+#: Metric writes queued before the older half is waited for.
 MAX_QUEUED = 256
+#: Seconds between metric writes: results in between go to MLflow in one batch per run.
+SEND_EVERY_S = 3.0
+#: MLflow's limit of metrics per ``log_batch``.
+MAX_BATCH = 1000
 
 
 def check_reachable(tracking: Tracking, timeout: float = 5.0) -> None:
@@ -103,6 +108,8 @@ class MlflowTracker(Callback):
         self.exploits: dict[str, int] = {}
         self.running: set[str] = set()
         self.queued: list[Any] = []  # MLflow's RunOperations of the metrics not yet written
+        self.pending: dict[str, list[Any]] = {}  # metrics not yet sent, by run
+        self.sent_at = time.monotonic()
 
     # -- the parent run -------------------------------------------------------------------
     def open(self, extra_tags: Mapping[str, str]) -> str:
@@ -243,20 +250,33 @@ class MlflowTracker(Callback):
 
         Logged asynchronously: Tune sends a trial its next iteration only after every callback
         has handled its result, and a synchronous batch into SQLite took 9 ms of the driver's
-        13 ms per result here. MLflow's queue writes them in a thread, several results per
-        transaction; :meth:`flush` waits for it before a run's status changes. A kill loses
-        what is queued; a resumed run logs it from the records (:meth:`_log_unlogged_rows`).
+        13 ms per result here. MLflow's queue writes them in a thread; :meth:`flush` waits for
+        it before a run's status changes. They are sent every ``SEND_EVERY_S`` seconds, one
+        batch per run: each write costs the driver's CPU (taken from the trials) mostly per
+        call, 7.4 ms per result one by one against 2.9 ms four at a time into SQLite here. A
+        kill loses what is pending or queued; a resumed run logs it from the records
+        (:meth:`_log_unlogged_rows`).
         """
         from mlflow.entities import Metric
 
         stamp = int((timestamp or 0) * 1000)
         numbers = {name: finite(v) for name, v in values.items()}
-        metrics = [Metric(name, v, stamp, step) for name, v in numbers.items() if v is not None]
-        self.queued.append(self.client.log_batch(run_id, metrics=metrics, synchronous=False))
+        self.pending.setdefault(run_id, []).extend(
+            Metric(name, v, stamp, step) for name, v in numbers.items() if v is not None)
+        if time.monotonic() - self.sent_at >= SEND_EVERY_S:
+            self._send_pending()
+
+    def _send_pending(self) -> None:
+        """Queue the pending metrics with MLflow, one batch per run (and per 1000 metrics)."""
+        pending, self.pending, self.sent_at = self.pending, {}, time.monotonic()
+        for run_id, metrics in pending.items():
+            for batch in _chunks(metrics, MAX_BATCH):
+                self.queued.append(self.client.log_batch(run_id, metrics=batch,
+                                                         synchronous=False))
         if len(self.queued) > MAX_QUEUED:
             # The older half, written long ago unless MLflow fell behind (which this slows the
             # driver to): a long run's queue stays bounded and a failing write is raised within
-            # MAX_QUEUED results, not only at a trial's end.
+            # MAX_QUEUED batches, not only at a trial's end.
             self._wait_for_oldest(MAX_QUEUED // 2)
 
     def _wait_for_oldest(self, count: int) -> None:
@@ -267,7 +287,9 @@ class MlflowTracker(Callback):
             operations.wait()
 
     def flush(self) -> None:
-        """Wait until the queued metrics are written (MLflow rejects them on an ended run)."""
+        """Send the pending metrics and wait until all are written (MLflow rejects them on an
+        ended run)."""
+        self._send_pending()
         self._wait_for_oldest(len(self.queued))
 
     def on_exploit(self, event: ExploitEvent) -> None:

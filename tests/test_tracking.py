@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 
 import mlflow
@@ -10,6 +11,7 @@ import pytest
 from conftest import compose_config
 from mlflow.tracking import MlflowClient
 
+import rl_pbt.tracking
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import Tracking
 from rl_pbt.resolve import resolve
@@ -98,11 +100,33 @@ def test_trials_stopped_by_the_run_end_finished(plan):
     assert client.get_run(tracker.children["b"]).info.status == "FAILED"
 
 
-def test_queued_writes_stay_bounded_and_all_land(plan, monkeypatch):
-    """A long run queues one write per result; the older half is waited for past the bound."""
-    import rl_pbt.tracking
+def test_results_go_to_mlflow_in_one_batch_per_run_and_interval(plan):
+    """Results within ``SEND_EVERY_S`` wait; then each run's go in one write, and all land."""
+    tracker = MlflowTracker(plan)
+    tracker.open({})
+    a, b = StandInTrial("a", {"lr": 1e-4}), StandInTrial("b", {"lr": 5e-4})
+    for trial in (a, b):
+        tracker.on_trial_start(0, [a, b], trial)
+    tracker.sent_at = time.monotonic()
+    for iteration in (1, 2, 3):
+        for trial in (a, b):
+            tracker.on_trial_result(0, [a, b], trial, _result(iteration, float(iteration)))
+    assert tracker.queued == []  # within the interval: nothing sent yet
+    tracker.sent_at -= rl_pbt.tracking.SEND_EVERY_S
+    tracker.on_trial_result(0, [a, b], a, _result(4, 4.0))
+    assert len(tracker.queued) == 2 and tracker.pending == {}  # one write per run
+    tracker.on_trial_result(0, [a, b], b, _result(4, 4.0))
+    tracker.close({"best": {"trial_id": "a", "return": 4.0}})  # sends b's fourth
+    client = MlflowClient(plan.tracking.tracking_uri)
+    for trial in (a, b):
+        history = client.get_metric_history(tracker.children[trial.trial_id], "training_iteration")
+        assert sorted((m.step, m.value) for m in history) == [(i, i) for i in (1, 2, 3, 4)]
 
+
+def test_queued_writes_stay_bounded_and_all_land(plan, monkeypatch):
+    """Sent at every result, writes queue up; the older half is waited for past the bound."""
     monkeypatch.setattr(rl_pbt.tracking, "MAX_QUEUED", 8)
+    monkeypatch.setattr(rl_pbt.tracking, "SEND_EVERY_S", 0.0)
     tracker = MlflowTracker(plan)
     tracker.open({})
     a = StandInTrial("a", {"lr": 1e-4})
