@@ -47,7 +47,12 @@ def _flat_layer(layer: nn.Module) -> Layer:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    """Forward hooks on any submodule, or torch's global ones (checked when the flat passes
+    are made: hooks registered later are not seen)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()))
 
 
 def _mlp_layers(model: Any, kind: type) -> list[Layer] | None:

@@ -90,6 +90,12 @@ def test_modules_it_does_not_cover_get_none():
     own = _module("CartPole-v1")
     own.__class__ = _OwnForward
     assert FlatPPOModule.of(own) is None
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert FlatPPOModule.of(_module("CartPole-v1")) is None
+    finally:
+        handle.remove()
+    assert FlatPPOModule.of(_module("CartPole-v1")) is not None
 
 
 def test_sample_categorical_draws_what_torchs_categorical_draws():
