@@ -8,6 +8,8 @@ runs inside it:
 
 - Adam steps with torch's fused kernel (RLlib's steps one tensor at a time in Python).
 - Minibatches are gathered by index (``rl_pbt.minibatches``: RLlib's rows, RLlib's draws).
+- The module's training pass and values run as flat layer operations (``rl_pbt.flat_module``)
+  for RLlib's default PPO module; the entropy stays out of the graph when its coefficient is 0.
 - The loss is RLlib's PPO loss in fewer operations (``rl_pbt.ppo_loss``); the statistics only
   the last minibatch reports (``window=1``) are computed for that one only, and the module is
   put in training mode once per update instead of at every minibatch.
