@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: MLflow's async logging thread waits on its queue up to 1 s at a time unless buffering is
+#: set, and ending a run (``set_terminated``) joins that thread: ending 4 runs took 0.69 s here,
+#: 0.02 s with 1 s of buffering (its wait ends as soon as it is stopped). A user's value wins.
+MLFLOW_BUFFERING = "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"
+
 
 def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
     """Resolve the config, tune the population, and return the summary.
@@ -99,6 +104,13 @@ def execute(
     With ``resumed``, the Tune experiment, records and MLflow runs of that folder go on.
     Raises :class:`Interrupted` after a Ctrl-C that Tune handled (the state is saved).
     """
+    with environ_default(MLFLOW_BUFFERING, "1"):
+        return _execute(plan, tags, resumed)
+
+
+def _execute(
+    plan: Plan, tags: Mapping[str, str] | None, resumed: ResumePoint | None,
+) -> dict[str, Any]:
     started = time.monotonic()
     repeats = Repeats(resumed.last_iteration if resumed else None)
     if plan.tracking.enabled:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -259,3 +260,19 @@ def test_a_mutated_batch_size_is_recorded_from_rllibs_config_dict(plan, tmp_path
     history = MlflowClient(plan.tracking.tracking_uri).get_metric_history(
         tracker.children["a"], "hp.train_batch_size_per_learner")
     assert [m.value for m in history] == [3000]
+
+
+def test_execute_ends_mlflow_runs_without_waiting_out_mlflows_queue_poll(monkeypatch):
+    """MLflow's logging thread polls its queue for 1 s unless buffering is set, and ending a
+    run joins it: ``execute`` sets 1 s of buffering for its span, unless the user set a value."""
+    from rl_pbt import run as running
+
+    seen = []
+    monkeypatch.setattr(running, "_execute", lambda *args: seen.append(
+        os.environ.get(running.MLFLOW_BUFFERING)) or {})
+    monkeypatch.delenv(running.MLFLOW_BUFFERING, raising=False)
+    running.execute(None)
+    assert seen == ["1"] and running.MLFLOW_BUFFERING not in os.environ
+    monkeypatch.setenv(running.MLFLOW_BUFFERING, "3")
+    running.execute(None)
+    assert seen[-1] == "3"
