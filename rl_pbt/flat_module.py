@@ -46,13 +46,22 @@ def _flat_layer(layer: nn.Module) -> Layer:
     return layer  # any other layer (LayerNorm, ...) through its own module
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    """Forward hooks on any submodule, or torch's global ones (checked when the flat passes
-    are made: hooks registered later are not seen)."""
+#: Methods whose per-instance replacement (RLlib's ``compile()``, a patch) changes a pass.
+_PASSES = ("forward", "_forward", "_forward_train", "_forward_exploration", "_forward_inference")
+
+
+def _has_own_calls(module: nn.Module) -> bool:
+    """Hooks (forward or backward) on any submodule or torch's global ones, a compiled
+    submodule, or a pass replaced on an instance: what ``Module.__call__`` would run that the
+    flat operations skip (checked when the flat passes are made, not later)."""
     from torch.nn.modules import module as torch_module
 
-    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
-                or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()))
+    if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+            or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+               or m._backward_pre_hooks or getattr(m, "_compiled_call_impl", None) is not None
+               or any(name in vars(m) for name in _PASSES) for m in module.modules())
 
 
 def _mlp_layers(model: Any, kind: type) -> list[Layer] | None:
@@ -83,7 +92,7 @@ class FlatPPOModule:
         if type(module) is not DefaultPPOTorchRLModule or module.is_stateful():
             return None
         encoder = module.encoder
-        if type(encoder) is not TorchActorCriticEncoder or _has_hooks(module):
+        if type(encoder) is not TorchActorCriticEncoder or _has_own_calls(module):
             return None
         shared = bool(encoder.config.shared)
         if shared:

@@ -119,7 +119,7 @@ def ppo_loss(module: Any, config: Any, batch: Any, fwd_out: dict, *, entropy_coe
     # With no entropy term (PPO's default) RLlib's loss adds 0 * entropy, which changes
     # neither the loss nor any gradient (finite terms); leaving it out of the graph saves its
     # operations forward and backward at every minibatch.
-    entropy_grad = entropy_coeff != 0.0
+    entropy_grad = float(entropy_coeff) != 0.0  # a scheduled coefficient is a 0-d tensor
     logp, kl, entropy = terms(fwd_out[Columns.ACTION_DIST_INPUTS],
                               batch[Columns.ACTION_DIST_INPUTS], batch[Columns.ACTIONS],
                               config.use_kl_loss, entropy_grad)

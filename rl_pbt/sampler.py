@@ -140,7 +140,9 @@ class FastEnvRunner(SingleAgentEnvRunner):
                                    reduce="ema")
             if Columns.ACTIONS not in out:  # as RLlib's GetActions
                 _get_actions(out, dist_cls, categorical)
-            out = _to_numpy(out)  # as RLlib's TensorToNumpy (int64 -> int32 too)
+            # As RLlib's TensorToNumpy (int64 -> int32 too); the flat pass's outputs are new
+            # tensors, so views of them do; a module's own outputs are copied, as RLlib does.
+            out = _to_numpy(out) if flat else convert_to_numpy(out)
             actions = out.pop(Columns.ACTIONS)
             results = self._try_env_step(self._for_env(actions, action_space))
             if results is ENV_STEP_FAILURE:  # RLlib's rule: drop the chunk, reset all envs

@@ -108,7 +108,7 @@ class MlflowTracker(Callback):
         self.exploits: dict[str, int] = {}
         self.running: set[str] = set()
         self.queued: list[Any] = []  # MLflow's RunOperations of the metrics not yet written
-        self.pending: dict[str, list[Any]] = {}  # metrics not yet sent, by run
+        self.pending: dict[str, list[list[Any]]] = {}  # results' metrics not yet sent, by run
         self.sent_at = time.monotonic()
 
     # -- the parent run -------------------------------------------------------------------
@@ -261,18 +261,21 @@ class MlflowTracker(Callback):
 
         stamp = int((timestamp or 0) * 1000)
         numbers = {name: finite(v) for name, v in values.items()}
-        self.pending.setdefault(run_id, []).extend(
-            Metric(name, v, stamp, step) for name, v in numbers.items() if v is not None)
+        self.pending.setdefault(run_id, []).append(
+            [Metric(name, v, stamp, step) for name, v in numbers.items() if v is not None])
         if time.monotonic() - self.sent_at >= SEND_EVERY_S:
             self._send_pending()
 
-    def _send_pending(self) -> None:
-        """Queue the pending metrics with MLflow, one batch per run (and per 1000 metrics)."""
+    def _send_pending(self, synchronous: bool = False) -> None:
+        """Send the pending metrics, one batch per run (whole results, up to 1000 metrics a
+        batch): queued with MLflow, or written at once (``flush``: MLflow's logging thread,
+        with buffering set, would first sleep out its interval)."""
         pending, self.pending, self.sent_at = self.pending, {}, time.monotonic()
-        for run_id, metrics in pending.items():
-            for batch in _chunks(metrics, MAX_BATCH):
-                self.queued.append(self.client.log_batch(run_id, metrics=batch,
-                                                         synchronous=False))
+        for run_id, results in pending.items():
+            for batch in _result_batches(results, MAX_BATCH):
+                written = self.client.log_batch(run_id, metrics=batch, synchronous=synchronous)
+                if not synchronous:
+                    self.queued.append(written)
         if len(self.queued) > MAX_QUEUED:
             # The older half, written long ago unless MLflow fell behind (which this slows the
             # driver to): a long run's queue stays bounded and a failing write is raised within
@@ -287,10 +290,10 @@ class MlflowTracker(Callback):
             operations.wait()
 
     def flush(self) -> None:
-        """Send the pending metrics and wait until all are written (MLflow rejects them on an
-        ended run)."""
-        self._send_pending()
+        """Wait until the queued metrics are written, then write the pending ones (MLflow
+        rejects them on an ended run; the older first, so a resume's last-step rule holds)."""
         self._wait_for_oldest(len(self.queued))
+        self._send_pending(synchronous=True)
 
     def on_exploit(self, event: ExploitEvent) -> None:
         """Record an exploit on the trial that received the clone (never as params)."""
@@ -360,6 +363,22 @@ def _log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:
     items = [Param(k, v) for k, v in params.items()]
     for batch in _chunks(items, 100):
         client.log_batch(run_id, params=batch)
+
+
+def _result_batches(results: list[list[Any]], size: int) -> Iterable[list[Any]]:
+    """Results' metrics in batches of at most ``size``, a result never split across two
+    (MLflow may write two batches in either order), unless it alone is larger."""
+    batch: list[Any] = []
+    for metrics in results:
+        if batch and len(batch) + len(metrics) > size:
+            yield batch
+            batch = []
+        if len(metrics) > size:
+            yield from _chunks(metrics, size)
+            continue
+        batch.extend(metrics)
+    if batch:
+        yield batch
 
 
 def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:

@@ -90,6 +90,12 @@ def test_modules_it_does_not_cover_get_none():
     own = _module("CartPole-v1")
     own.__class__ = _OwnForward
     assert FlatPPOModule.of(own) is None
+    backward_hooked = _module("CartPole-v1")
+    backward_hooked.vf.net.mlp[0].register_full_backward_hook(lambda *args: None)
+    assert FlatPPOModule.of(backward_hooked) is None
+    patched = _module("CartPole-v1")
+    patched._forward_exploration = lambda batch, **kwargs: {}  # as RLlib's compile() does
+    assert FlatPPOModule.of(patched) is None
     handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
     try:
         assert FlatPPOModule.of(_module("CartPole-v1")) is None

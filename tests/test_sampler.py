@@ -78,7 +78,7 @@ def _continued_ids(chunks: list[list]) -> list[int]:
 def test_fast_loop_returns_rllibs_episodes(env, settings):
     theirs, ours, runners = _sample_both(_config(env, **settings))
     assert runners[1].fast_path, runners[1].fast_path_reason
-    assert runners[1]._flat_module() is not None  # the flat forward pass was the one used
+    assert runners[1]._flat[1] is not None  # the flat forward pass was the one used
     assert sum(e.is_done for chunk in theirs for e in chunk) >= 4  # episodes ended inside
     for a, b in zip(ours, theirs, strict=True):
         _assert_same_episodes(a, b)

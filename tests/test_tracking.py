@@ -276,3 +276,12 @@ def test_execute_ends_mlflow_runs_without_waiting_out_mlflows_queue_poll(monkeyp
     monkeypatch.setenv(running.MLFLOW_BUFFERING, "3")
     running.execute(None)
     assert seen[-1] == "3"
+
+
+def test_batches_never_split_a_result():
+    """MLflow may write two batches in either order: a result's metrics stay in one."""
+    results = [[f"r{i}m{j}" for j in range(4)] for i in range(5)]
+    batches = list(rl_pbt.tracking._result_batches(results, 10))
+    assert [len(b) for b in batches] == [8, 8, 4]
+    assert [m for b in batches for m in b] == [m for r in results for m in r]
+    assert [len(b) for b in rl_pbt.tracking._result_batches([["x"] * 25], 10)] == [10, 10, 5]
