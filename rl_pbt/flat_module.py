@@ -104,7 +104,9 @@ class FlatPPOModule:
         vf = _mlp_layers(getattr(module, "vf", None), TorchMLPHead)
         if actor is None or pi is None:
             return None
-        if not module.inference_only and (critic is None or vf is None):
+        if module.inference_only:  # RLlib's learner never trains it (a shared encoder keeps vf)
+            critic = vf = None
+        elif critic is None or vf is None:
             return None
         return cls(actor, critic, pi, vf, module.pi, shared)
 

@@ -242,11 +242,9 @@ def _get_actions(out: dict[str, Any], dist_cls: Any, categorical: bool) -> None:
         out[Columns.ACTION_LOGP] = logp
 
 
-def _to_numpy(out: dict[str, Any]) -> dict[str, Any]:
-    """RLlib's ``convert_to_numpy`` (float64 -> float32, int64 -> int32), one call per column
-    for a flat dict of batched tensors, RLlib's tree walk for anything else."""
-    if not all(torch.is_tensor(v) and v.dim() for v in out.values()):
-        return convert_to_numpy(out)
+def _to_numpy(out: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """RLlib's ``convert_to_numpy`` dtype rules (float64 -> float32, int64 -> int32) for the
+    flat pass's outputs, a flat dict of new batched tensors: one call per column, no copy."""
     arrays = {k: v.detach().cpu().numpy() for k, v in out.items()}
     for key, array in arrays.items():
         if np.issubdtype(array.dtype, np.floating) and array.dtype != np.float32:

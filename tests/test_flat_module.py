@@ -75,6 +75,8 @@ def test_an_inference_only_module_gets_the_exploration_pass_only():
                        module._forward_exploration({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS])
     with pytest.raises(RuntimeError, match="no critic"):
         flat.train(obs)
+    shared = FlatPPOModule.of(_module("CartPole-v1", inference_only=True, vf_share_layers=True))
+    assert shared is not None and not shared.trains  # RLlib still builds its value head
 
 
 class _OwnForward(DefaultPPOTorchRLModule):
