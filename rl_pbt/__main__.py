@@ -10,6 +10,7 @@ from typing import NoReturn
 import hydra
 from omegaconf import DictConfig
 
+from rl_pbt import local_ray
 from rl_pbt.cli import (
     CONF_DIR,
     check_group_options,
@@ -23,13 +24,15 @@ from rl_pbt.errors import ConfigError, Interrupted
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Tune one population; return the best score (what a Hydra sweeper would optimise)."""
+    if not cfg.get("resume"):
+        local_ray.start_early(cfg.get("resources") or {})
     from rl_pbt.run import run
 
     try:
         summary = run(cfg)
     except ConfigError as err:
         discard_empty_output_dir()
-        fail(err)
+        fail(err, local_ray.exit_process)
     except Interrupted as err:
         print(f"rl_pbt: {err}", file=sys.stderr)
         sys.exit(130)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import ray
 
+from rl_pbt import local_ray
 from rl_pbt.algorithms import import_object
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import Plan, Resources
@@ -98,27 +99,21 @@ def start_ray(plan: Plan) -> Origin:
     """Join the cluster at ``resources.address`` (or ``RAY_ADDRESS``), else start Ray here.
 
     A process that already runs Ray (a Hydra multirun, a test session) keeps its instance.
-    Ray starts one idle worker process per CPU for the driver's tasks and actors; trials never
-    use them (Tune gives every trainable its own runtime env), and a trial that samples and
-    learns in its own process starts no other actor, so then they are not started: 0.4 s
-    earlier to the first result here (12.4-12.8 s against 12.9-13.0 s, 3 runs each).
+    The command line may have begun the start already (:mod:`rl_pbt.local_ray`).
 
     Returns:
         ``"joined"``, ``"started"`` or ``"reused"``: recorded in ``run.json``.
     """
     address = join_address(plan.resources)
+    early = local_ray.started_early()
+    if early:
+        return early
     if ray.is_initialized():
         return "reused"
     if address:
         join(address)
         return "joined"
-    ray.init(
-        num_cpus=plan.resources.num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        _system_config={"prestart_worker_first_driver": trial_resources(plan).bundles > 1},
-    )
+    local_ray.init_local(plan.resources.num_cpus)
     return "started"
 
 
