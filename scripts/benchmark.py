@@ -10,6 +10,9 @@
    and the ratio.
 2. PBT efficiency: sum over trials of training time / (wall time x concurrent trial slots); also
    over the span from the first iteration's start to the last result (no process start or end).
+   The runs of 1. end when they solve, so a setup that solves sooner has its fixed start-up
+   weigh more; hence also over equal runs: both setups for the same wall budget
+   (``--equal-budget``, 120 s), the target off, every trial training until the budget ends.
 3. Throughput: env steps per second of one trial, against a bare loop of the same vectorised
    env and policy network with no learning (the physical limit here): per second of training
    (sampling and learning) and per second of sampling alone (the trial's own timer and count,
@@ -19,7 +22,7 @@
 
 Every run keeps the default tracking: MLflow into a new SQLite file in the run's temporary
 folder (a first run's cost, the store created). Writes ``results.md``, ``results.csv`` and
-``startup.csv`` under ``--out``. Every number is measured in this run.
+``startup.csv`` and ``equal_budget.csv`` under ``--out``. Every number is measured in this run.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ TARGET = 450.0
 RAY_DEFAULTS = ["trainable=stock", "resources=rllib_defaults", "tensorboard=true",
                 "algorithm.config._model_config.fcnet_hiddens=[256,256]",
                 "+algorithm.config.normalize_actions=true"]
+#: The equal-budget runs of 2.: no target, no iteration limit, only the wall budget.
+UNTIL_BUDGET = ["stopper.target_return=null", "stopper.max_iterations=null"]
 
 
 def launch(args: list[str], workdir: Path, timeout: float) -> tuple[float, float, str]:
@@ -192,9 +197,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budget", type=float, default=300.0,
                         help="wall seconds per tuning run before it counts as not solved")
+    parser.add_argument("--equal-budget", type=float, default=120.0,
+                        help="wall seconds of the equal runs that measure PBT efficiency")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args()
     runs: dict[str, list[dict[str, Any]]] = {"rl_pbt": [], "ray_defaults": []}
+    equal: dict[str, list[float]] = {"rl_pbt": [], "ray_defaults": []}
     bare: list[float] = []
     for seed in range(1, args.seeds + 1):  # alternate, so drift in the machine hits all three
         bare.append(quiet_bare_loop())
@@ -203,15 +211,20 @@ def main() -> None:
             result = measure_run([f"seed={seed}", *extra], args.budget)
             runs[name].append({"seed": seed, **result, "bare_steps_per_s": bare[-1]})
             print(name, seed, json.dumps(result), flush=True)
+        for name, extra in (("rl_pbt", []), ("ray_defaults", RAY_DEFAULTS)):
+            result = measure_run([f"seed={seed}", *extra, *UNTIL_BUDGET], args.equal_budget)
+            equal[name].append(result["efficiency"])
+            print(name, seed, "equal budget", json.dumps(result), flush=True)
     startup = {"rl_pbt": [], "plain_tune": []}
     for _ in range(args.seeds):
         startup["plain_tune"].append(plain_tune_startup())
         startup["rl_pbt"].append(measure_run(["stopper.max_iterations=1"], 120)["first_result_s"])
         print("startup", json.dumps({k: v[-1] for k, v in startup.items()}), flush=True)
-    write_results(args.out, runs, startup, bare, args)
+    write_results(args.out, runs, equal, startup, bare, args)
 
 
-def write_results(out: Path, runs: dict, startup: dict, bares: list[float], args: Any) -> None:
+def write_results(out: Path, runs: dict, equal: dict, startup: dict, bares: list[float],
+                  args: Any) -> None:
     """The Markdown table (for the README) and the CSV of every run; the ratios to the bare
     loop use its median over the seeds."""
     out.mkdir(parents=True, exist_ok=True)
@@ -225,6 +238,11 @@ def write_results(out: Path, runs: dict, startup: dict, bares: list[float], args
         writer = csv.writer(handle)
         writer.writerow(["setup", "first_result_s"])
         writer.writerows((name, value) for name, values in startup.items() for value in values)
+    with (out / "equal_budget.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["setup", "seed", "efficiency"])
+        writer.writerows((name, seed, value) for name, values in equal.items()
+                         for seed, value in enumerate(values, 1))
     ours, ray = runs["rl_pbt"], runs["ray_defaults"]
     ours_solve = solve_median([r["solve_s"] for r in ours])
     ray_solve = solve_median([r["solve_s"] for r in ray])
@@ -251,6 +269,8 @@ def write_results(out: Path, runs: dict, startup: dict, bares: list[float], args
         f"| the same, from the first iteration's start to the last result | "
         f"{spread([r['span_efficiency'] for r in ours], 2)} | "
         f"{spread([r['span_efficiency'] for r in ray], 2)} | |",
+        f"| the same, over equal {args.equal_budget:.0f} s runs (target off) | "
+        f"{spread(equal['rl_pbt'], 2)} | {spread(equal['ray_defaults'], 2)} | |",
         f"| one trial's env steps/s while training (sampling + learning) | "
         f"{spread([r['trial_steps_per_s'] for r in ours])} | "
         f"{spread([r['trial_steps_per_s'] for r in ray])} | {_ratio(trial, bare)} of bare |",
