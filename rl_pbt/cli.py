@@ -15,10 +15,10 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _SIMPLE_CHOICE = re.compile(r"^[+~]?(?P<group>[A-Za-z_]+)=(?P<options>[\w.,-]*)$")
 
 
-def fail(err: ConfigError, exit: Callable[[int], NoReturn] = sys.exit) -> NoReturn:
+def fail(err: ConfigError, exit_with: Callable[[int], NoReturn] = sys.exit) -> NoReturn:
     """Print one line and exit 2: the entry point's answer to bad input."""
     print(f"rl_pbt: error: {err}", file=sys.stderr)
-    exit(2)
+    exit_with(2)
 
 
 def parse_path_and_options(

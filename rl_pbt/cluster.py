@@ -105,7 +105,7 @@ def start_ray(plan: Plan) -> Origin:
         ``"joined"``, ``"started"`` or ``"reused"``: recorded in ``run.json``.
     """
     address = join_address(plan.resources)
-    early = local_ray.started_early()
+    early = None if address else local_ray.started_early()
     if early:
         return early
     if ray.is_initialized():

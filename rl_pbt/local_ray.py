@@ -8,8 +8,9 @@ Ray ties the processes it starts to the *thread* that starts them (Linux's paren
 fires when that thread ends; seen here: a task hung once the starting thread had returned), so
 the thread that calls ``ray.init`` here lives as long as the process. Ray's log lines of the
 start are held until the run takes Ray over, so a config that fails its checks meanwhile
-prints its one error line and nothing of Ray's. This module's import is light (no Ray): it runs
-before the driver's heavy imports.
+prints its one error line and nothing of Ray's. Ray's processes get the environment as it is
+at the start (rl_pbt sets no variable that they read). This module's import is light (no Ray):
+it runs before the driver's heavy imports.
 """
 
 from __future__ import annotations
@@ -22,22 +23,28 @@ import sys
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 #: What Ray logs when ``ray.init`` runs off the main thread; the handler it means is set here.
 _SIGTERM_WARNING = "SIGTERM handler is not set"
+#: Longest wait for a start that a failed run must let finish before the process ends.
+SETTLE_TIMEOUT_S = 60.0
+
+Started = Literal["started"]
 
 
 class _EarlyStart:
     """``ray.init`` running in its own thread, and Ray's log records held meanwhile."""
 
-    def __init__(self, num_cpus: int | None) -> None:
-        self.done: Future[str] = Future()
+    def __init__(self) -> None:
+        self.done: Future[Started] = Future()
         self.held: list[logging.LogRecord] = []
         # ray.init(configure_logging=False) leaves the "ray" logger without handlers and not
         # propagating: its warnings reach Python's handler of last resort, held here meanwhile.
         self.last_resort = logging.lastResort
-        logging.lastResort = _Holder(self.held)
+        logging.lastResort = _Holder(self.held, self.last_resort)
+
+    def start(self, num_cpus: int | None) -> None:
         threading.Thread(target=self._start_and_stay, args=(num_cpus,), name="ray-start",
                          daemon=True).start()
 
@@ -50,27 +57,39 @@ class _EarlyStart:
         self.done.set_result("started")
         threading.Event().wait()  # never set: Ray's processes die when this thread ends
 
-    def hand_over(self) -> str:
-        """Wait for the start, let Ray's log through again and replay what it logged."""
-        try:
-            return self.done.result()
-        finally:
+    def release_log(self) -> None:
+        """Let Ray's log through again and replay what it logged meanwhile."""
+        if logging.lastResort is not self.last_resort:
             logging.lastResort = self.last_resort
             for record in self.held:
                 if _SIGTERM_WARNING not in record.getMessage():
                     logging.getLogger(record.name).handle(record)
 
+    def settled(self) -> bool:
+        """Wait for the start to end, up to :data:`SETTLE_TIMEOUT_S`; False if it did not."""
+        try:
+            self.done.exception(timeout=SETTLE_TIMEOUT_S)
+        except TimeoutError:
+            return False
+        return True
+
 
 class _Holder(logging.Handler):
-    def __init__(self, held: list[logging.LogRecord]) -> None:
+    """Python's handler of last resort during the start: Ray's records wait, others pass."""
+
+    def __init__(self, held: list[logging.LogRecord], other: logging.Handler | None) -> None:
         super().__init__(logging.WARNING)  # the level of the handler it stands in for
         self.held = held
+        self.other = other
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.held.append(record)
+        if record.name == "ray" or record.name.startswith("ray."):
+            self.held.append(record)
+        elif self.other is not None:
+            self.other.handle(record)
 
 
-#: The early start of this process not yet taken over by a run.
+#: The early start of this process until a run takes it over.
 _early: _EarlyStart | None = None
 
 
@@ -103,16 +122,17 @@ def start_early(resources: Mapping[str, Any]) -> None:
     """
     global _early
     plain, num_cpus = _plain_settings(resources)
-    if not plain or _early is not None or threading.current_thread() is not \
-            threading.main_thread():
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if not plain or _early is not None or not on_main_thread:
         return
     import ray  # here: Ray's exit handler must be registered before ours
 
     if ray.is_initialized():
         return
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # what ray.init sets on the main thread
-    _early = _EarlyStart(num_cpus)
+    _early = _EarlyStart()
     atexit.register(_settle)  # runs before Ray's shutdown: never shut down a half-started Ray
+    _early.start(num_cpus)
 
 
 def _plain_settings(resources: Mapping[str, Any]) -> tuple[bool, int | None]:
@@ -130,12 +150,22 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     sys.exit(signum)
 
 
-def started_early() -> str | None:
+def started_early() -> Started | None:
     """Take over the early start: ``"started"``, or None if none is pending (a sweep's later
-    jobs find Ray running instead); raises the start's error."""
+    jobs find Ray running instead); raises the start's error.
+
+    The start stays pending until it has ended, so that a Ctrl-C or SIGTERM during this wait
+    still has the exit wait for it too.
+    """
     global _early
-    early, _early = _early, None
-    return None if early is None else early.hand_over()
+    if _early is None:
+        return None
+    try:
+        return _early.done.result()
+    finally:
+        if _early.done.done():
+            _early.release_log()
+            _early = None
 
 
 def exit_process(code: int) -> NoReturn:
@@ -148,13 +178,22 @@ def exit_process(code: int) -> NoReturn:
     """
     if _early is None:
         sys.exit(code)
-    _early.done.exception()
+    _early.settled()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
 def _settle() -> None:
-    """At exit, wait for an early start still running (an error the run did not expect)."""
-    if _early is not None:
-        _early.done.exception()
+    """At exit after an error the run did not expect: wait for a pending start before Ray's
+    shutdown runs, and show what Ray logged. A start that does not end, or a second Ctrl-C
+    meanwhile, ends the process at once (Ray's processes end with it)."""
+    if _early is None:
+        return
+    try:
+        settled = _early.settled()
+    except BaseException:
+        settled = False
+    if not settled:
+        os._exit(1)
+    _early.release_log()

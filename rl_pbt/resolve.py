@@ -283,7 +283,7 @@ def resolve_stop(plain: Mapping[str, Any], env: EnvSpec) -> StopRule:
 def resolve_resources(resources: Mapping[str, Any]) -> Resources:
     """Where Ray runs; CPU and concurrency limits are checked against it in ``cluster``."""
     value = resources.get("num_cpus")
-    if value is not None and (not isinstance(value, int) or value < 1):
+    if value is not None and (type(value) is not int or value < 1):  # true is no count
         raise ConfigError(f"resources.num_cpus: must be an integer >= 1 or null, got {value!r}")
     return Resources(address=resources.get("address"), num_cpus=value)
 

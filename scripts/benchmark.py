@@ -11,8 +11,9 @@
 2. PBT efficiency: sum over trials of training time / (wall time x concurrent trial slots); also
    over the span from the first iteration's start to the last result (no process start or end).
    The runs of 1. end when they solve, so a setup that solves sooner has its fixed start-up
-   weigh more; hence also over equal runs: both setups for the same wall budget
-   (``--equal-budget``, 120 s), the target off, every trial training until the budget ends.
+   weigh more; hence also over equal runs: both setups with the same budget (``--equal-budget``,
+   120 s, counted from Tune's start like ``--budget``), the target off, every trial training
+   until the budget ends; the efficiency's wall time is still the whole command's.
 3. Throughput: env steps per second of one trial, against a bare loop of the same vectorised
    env and policy network with no learning (the physical limit here): per second of training
    (sampling and learning) and per second of sampling alone (the trial's own timer and count,

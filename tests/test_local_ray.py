@@ -23,12 +23,14 @@ from rl_pbt import local_ray
 
 #: Run in a subprocess: start Ray early, let the starting thread's work end, use Ray, hand over.
 USE = """
-import sys, time, threading
+import logging, sys, time, threading
 import ray
 from rl_pbt import local_ray
 local_ray.start_early({"address": None, "num_cpus": 1})
 local_ray._early.done.result()
 time.sleep(1)  # the start's own work is over; its thread must still be alive
+logging.getLogger("ray.some_module").warning("held until the hand-over")
+logging.getLogger("other").warning("not Ray's: passes")
 print("before hand-over", file=sys.stderr, flush=True)
 print(local_ray.started_early(), "started_early again:", local_ray.started_early())
 
@@ -39,27 +41,46 @@ def add(a, b):
 print("task", ray.get(add.remote(1, 2), timeout=60))
 """
 
-#: Run in a subprocess: a run that fails its checks while Ray is still starting, once the
-#: raylet has started its agents (an exit then, without waiting, left them running ~20 s).
-FAIL = """
-import os, sys, time
+#: Waits until the raylet has started its dashboard agent: an exit in the middle of the start
+#: from then on, without waiting for the start, left Ray's agents running for ~20 s.
+AGENT_UP = """
+import os, time
+def wait_for_agent():
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+            except OSError:
+                continue
+            if len(args) > 2 and args[2].endswith(b"dashboard/agent.py") \\
+                    and os.environ["RAY_TMPDIR"].encode() in b" ".join(args):
+                return
+        time.sleep(0.05)
+"""
+
+#: Run in a subprocess: a run that fails its checks while Ray is still starting.
+FAIL = AGENT_UP + """
+import sys
 from rl_pbt import local_ray
 local_ray.start_early({"address": None, "num_cpus": 1})
-def agent_up():
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            line = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        args = line.split(b"\\0")
-        if len(args) > 2 and args[2].endswith(b"dashboard/agent.py") \\
-                and os.environ["RAY_TMPDIR"].encode() in line:
-            return True
-deadline = time.monotonic() + 60
-while not agent_up() and time.monotonic() < deadline:
-    time.sleep(0.05)
+wait_for_agent()
+print("start over:", local_ray._early.done.done())
 print("rl_pbt: error: x", file=sys.stderr)
 local_ray.exit_process(2)
+"""
+
+#: Run in a subprocess: SIGTERM while the run waits for the start (as Ray's handler, exit 15).
+TERM = AGENT_UP + """
+import signal, threading
+from rl_pbt import local_ray
+local_ray.start_early({"address": None, "num_cpus": 1})
+def terminate():
+    wait_for_agent()
+    print("start over:", local_ray._early.done.done(), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=terminate).start()
+local_ray.started_early()
 """
 
 
@@ -99,14 +120,28 @@ def test_early_ray_serves_tasks_after_the_start_and_holds_its_log(ray_tmp):
     # Ray's warning about the SIGTERM handler is wrong here (it is set) and dropped; the rest
     # of what Ray logged during the start comes after the hand-over, not before.
     assert "SIGTERM handler" not in proc.stderr
-    before = proc.stderr.split("before hand-over")[0]
-    assert not before.strip(), before
+    before, after = proc.stderr.split("before hand-over")
+    assert before.strip() == "not Ray's: passes", before
+    assert after.count("held until the hand-over") == 1
 
 
 def test_failed_run_ends_an_early_start_and_leaves_no_ray_process(ray_tmp):
     proc = _python(FAIL, ray_tmp)
     assert proc.returncode == 2
+    assert "start over: False" in proc.stdout  # the exit came while Ray was starting
     assert proc.stderr.strip() == "rl_pbt: error: x"  # nothing of Ray's
+    _assert_no_ray_left(ray_tmp)
+
+
+def test_sigterm_while_waiting_for_the_start_leaves_no_ray_process(ray_tmp):
+    proc = _python(TERM, ray_tmp)
+    assert proc.returncode == 15, proc.stderr
+    assert "start over: False" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    _assert_no_ray_left(ray_tmp)
+
+
+def _assert_no_ray_left(ray_tmp: Path) -> None:
     deadline = time.monotonic() + 5
     while _ray_processes(ray_tmp) and time.monotonic() < deadline:
         time.sleep(0.2)

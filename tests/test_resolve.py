@@ -182,3 +182,9 @@ def test_trial_resources_and_the_concurrency_report(overrides, cpus, line, tmp_p
     if line:
         fit = Concurrency(trial, 2, 0, plan.population, min(plan.population, int(2 // cpus)))
         assert line in fit.report()
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "true", "'2'", "1.5"])
+def test_num_cpus_must_be_a_count(value, tmp_path):
+    message = config_error([f"resources.num_cpus={value}"], tmp_path)
+    assert message.startswith("resources.num_cpus: must be an integer >= 1 or null")
