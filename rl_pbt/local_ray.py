@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any, Literal, NoReturn
 
+from rl_pbt.values import is_count
+
 #: What Ray logs when ``ray.init`` runs off the main thread; the handler it means is set here.
 _SIGTERM_WARNING = "SIGTERM handler is not set"
 #: Longest wait for a start that a failed run must let finish before the process ends.
@@ -143,7 +145,7 @@ def _plain_settings(resources: Mapping[str, Any]) -> tuple[bool, int | None]:
         return False, None
     if address is not None or os.environ.get("RAY_ADDRESS"):
         return False, None
-    return num_cpus is None or (type(num_cpus) is int and num_cpus >= 1), num_cpus
+    return num_cpus is None or is_count(num_cpus), num_cpus
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

@@ -24,7 +24,7 @@ from rl_pbt.envs import make_from_entry_point
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import EnvSpec, Plan, Resources, StopRule, Tracking
 from rl_pbt.scheduler_options import DRAW_ONCE, is_number, resolve_scheduler
-from rl_pbt.values import first_line
+from rl_pbt.values import first_line, is_count
 
 GROUPS = ("env", "algorithm", "mutations", "scheduler", "stopper", "resources", "tracking")
 #: ``azureml`` is MLflow on an AzureML job's workspace (URI from the job's environment).
@@ -130,7 +130,7 @@ def _flag(plain: Mapping[str, Any], key: str) -> bool:
 
 def _positive_int(plain: Mapping[str, Any], path: str, minimum: int = 1) -> int:
     value = _require(plain, path)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not is_count(value, minimum):
         raise ConfigError(f"{path}: must be an integer >= {minimum}, got {value!r}")
     return value
 
@@ -283,7 +283,7 @@ def resolve_stop(plain: Mapping[str, Any], env: EnvSpec) -> StopRule:
 def resolve_resources(resources: Mapping[str, Any]) -> Resources:
     """Where Ray runs; CPU and concurrency limits are checked against it in ``cluster``."""
     value = resources.get("num_cpus")
-    if value is not None and (type(value) is not int or value < 1):  # true is no count
+    if value is not None and not is_count(value):
         raise ConfigError(f"resources.num_cpus: must be an integer >= 1 or null, got {value!r}")
     return Resources(address=resources.get("address"), num_cpus=value)
 

@@ -13,6 +13,11 @@ def finite(value: Any) -> float | None:
     return None
 
 
+def is_count(value: Any, minimum: int = 1) -> bool:
+    """Whether the value is a whole number >= ``minimum`` (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def short(value: Any) -> str:
     """Four significant digits for floats, ``str`` for the rest."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
