@@ -191,7 +191,7 @@ class LeanPPOLearner(FusedAdamPPOLearner):
             module, config, batch, fwd_out, value_head=flat.values if flat else None,
             entropy_coeff=self.entropy_coeff_schedulers_per_module[module_id].get_current_value(),
             kl_coeff=self.curr_kl_coeffs_per_module[module_id],
-            categorical=is_categorical(module))
+            categorical=is_categorical(module), with_stats=batch is self._final_batch)
         if batch is self._final_batch:
             self.metrics.log_dict(ppo_stats(terms, batch), key=module_id, window=1)
         return total

@@ -47,18 +47,19 @@ class LossTerms:
     vf_loss: torch.Tensor
     vf_loss_clipped: torch.Tensor
     values: torch.Tensor
-    entropy: torch.Tensor
+    entropy: torch.Tensor | None
     mean_kl: torch.Tensor
 
 
 def _categorical_terms(logits: torch.Tensor, prev_logits: torch.Tensor, actions: torch.Tensor,
-                       with_kl: bool, entropy_grad: bool,
-                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                       with_kl: bool, entropy_grad: bool, with_entropy: bool = True,
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Log-likelihood of ``actions``, KL(prev || current) and entropy, as torch's Categorical
     computes them and in the order RLlib's loss makes it compute them (the probabilities are
     computed lazily, inside the KL): autograd sums the gradients of shared terms in the order
     the graph was built, so the same order gives the same weights bit for bit. Without
-    ``entropy_grad`` the entropy is computed outside the graph (for the statistics)."""
+    ``entropy_grad`` the entropy is computed outside the graph, for the statistics, and not at
+    all without ``with_entropy`` (None)."""
     logits = logits - logits.logsumexp(dim=-1, keepdim=True)
     logp = logits.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
     kl, probs = None, None
@@ -69,6 +70,8 @@ def _categorical_terms(logits: torch.Tensor, prev_logits: torch.Tensor, actions:
         probs = torch.softmax(logits, dim=-1)
         per_action = torch.where(probs == 0, torch.inf, per_action)
         kl = torch.where(prev_probs == 0, 0.0, per_action).sum(-1)
+    if not (entropy_grad or with_entropy):
+        return logp, kl, None
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         if not with_kl:
             probs = torch.softmax(logits, dim=-1)
@@ -79,12 +82,15 @@ def _categorical_terms(logits: torch.Tensor, prev_logits: torch.Tensor, actions:
 
 def _distribution_terms(module: Any, logits: torch.Tensor, prev_logits: torch.Tensor,
                         actions: torch.Tensor, with_kl: bool, entropy_grad: bool,
-                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                        with_entropy: bool = True,
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The same three terms through the module's own distribution classes (RLlib's way)."""
     current = module.get_train_action_dist_cls().from_logits(logits)
     previous = module.get_exploration_action_dist_cls().from_logits(prev_logits)
     kl = previous.kl(current) if with_kl else None
     logp = current.logp(actions)
+    if not (entropy_grad or with_entropy):
+        return logp, kl, None
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         return logp, kl, current.entropy()
 
@@ -97,22 +103,28 @@ def is_categorical(module: Any) -> bool:
 
 def _mean_over(batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """RLlib's ``possibly_masked_mean``: the mean over the rows the loss mask keeps (PPO's
-    learner connector adds one masked, artificial step per episode chunk), else over all."""
+    learner connector adds one masked, artificial step per episode chunk), else over all.
+    The kept rows are found once per minibatch and gathered by index: the same values in the
+    same order as ``data[mask]`` (so the same sum, and the same gradient, every row once),
+    without a boolean index's search and scatter at every mean."""
     mask = batch.get(Columns.LOSS_MASK)
     if mask is None:
         return torch.mean
     num_valid = torch.sum(mask)
-    return lambda data: torch.sum(data[mask]) / num_valid
+    rows = mask.nonzero().squeeze(-1)
+    return lambda data: torch.sum(data.index_select(0, rows)) / num_valid
 
 
 def ppo_loss(module: Any, config: Any, batch: Any, fwd_out: dict, *, entropy_coeff: float,
              kl_coeff: torch.Tensor, categorical: bool,
              value_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             ) -> tuple[torch.Tensor, LossTerms]:
+             with_stats: bool = True) -> tuple[torch.Tensor, LossTerms]:
     """PPO's total loss for one minibatch, in RLlib's order of terms. For a module with a
     critic: without one (``use_critic=False``) the learner runs RLlib's own loss.
     ``value_head`` computes the values from the training pass's embeddings in place of the
-    module's ``compute_values`` (the flat pass of ``rl_pbt.flat_module``)."""
+    module's ``compute_values`` (the flat pass of ``rl_pbt.flat_module``). Without
+    ``with_stats`` the terms only the statistics need are left out (no entropy unless the
+    loss has an entropy term)."""
     mean = _mean_over(batch)
     terms = _categorical_terms if categorical else (
         lambda *args: _distribution_terms(module, *args))
@@ -122,7 +134,7 @@ def ppo_loss(module: Any, config: Any, batch: Any, fwd_out: dict, *, entropy_coe
     entropy_grad = float(entropy_coeff) != 0.0  # a scheduled coefficient is a 0-d tensor
     logp, kl, entropy = terms(fwd_out[Columns.ACTION_DIST_INPUTS],
                               batch[Columns.ACTION_DIST_INPUTS], batch[Columns.ACTIONS],
-                              config.use_kl_loss, entropy_grad)
+                              config.use_kl_loss, entropy_grad, with_stats)
     ratio = torch.exp(logp - batch[Columns.ACTION_LOGP])
     mean_kl = mean(kl) if kl is not None else torch.tensor(0.0, device=ratio.device)
     advantages = batch[Postprocessing.ADVANTAGES]
