@@ -257,7 +257,7 @@ def _open_tracking(
     }
 
 
-def _trainable(plan: Plan) -> type:
+def trainable_class(plan: Plan) -> type:
     """RLlib's own algorithm class (``trainable=stock``) or its PBT-ready subclass (sampling
     with rl_pbt's batched loop unless ``sampler=rllib``, learning with its lean update unless
     ``learner=rllib``)."""
@@ -288,7 +288,8 @@ def restore_tuner(
     """
     from ray import tune
 
-    tuner = tune.Tuner.restore(str(plan.output_dir.resolve() / "tune"), trainable=_trainable(plan),
+    tuner = tune.Tuner.restore(str(plan.output_dir.resolve() / "tune"),
+                               trainable=trainable_class(plan),
                                resume_unfinished=True, resume_errored=True)
     internal = tuner._local_tuner
     internal._tune_config.scheduler = scheduler
@@ -306,7 +307,7 @@ def make_tuner(plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
     param_space = {**plan.param_space, "seed": tune.randint(0, 2**31 - 1)}
     stock = plan.trainable == "stock"
     return tune.Tuner(
-        _trainable(plan),
+        trainable_class(plan),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             num_samples=plan.population,

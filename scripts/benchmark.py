@@ -17,13 +17,17 @@
 3. Throughput: env steps per second of one trial, against a bare loop of the same vectorised
    env and policy network with no learning (the physical limit here): per second of training
    (sampling and learning) and per second of sampling alone (the trial's own timer and count,
-   in-process env runners only).
+   in-process env runners only), inside the tuning runs of 1. (two trials and the driver share
+   the two cores there, and each trial's epochs are a mutation's draw); and per second of
+   training of one trial alone on the machine, as the bare loop runs, from the config's own
+   start values (``mutations.start=config``: 6 epochs), for both setups.
 4. Start-up: seconds from launch to the first trial result, rl_pbt against a plain Ray Tune
    script that starts the same trials (``scripts/plain_tune.py``).
 
 Every run keeps the default tracking: MLflow into a new SQLite file in the run's temporary
-folder (a first run's cost, the store created). Writes ``results.md``, ``results.csv`` and
-``startup.csv`` and ``equal_budget.csv`` under ``--out``. Every number is measured in this run.
+folder (a first run's cost, the store created). Writes ``results.md``, ``results.csv``,
+``startup.csv``, ``equal_budget.csv`` and ``trial_alone.csv`` under ``--out``. Every number
+is measured in this run.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ RAY_DEFAULTS = ["trainable=stock", "resources=rllib_defaults", "tensorboard=true
                 "+algorithm.config.normalize_actions=true"]
 #: The equal-budget runs of 2.: no target, no iteration limit, only the wall budget.
 UNTIL_BUDGET = ["stopper.target_return=null", "stopper.max_iterations=null"]
+#: Seconds of training one trial does alone for 3., after its warm-up iterations.
+ALONE_S = 15.0
 
 
 def launch(args: list[str], workdir: Path, timeout: float) -> tuple[float, float, str]:
@@ -149,6 +155,49 @@ def quiet_bare_loop(wait: float = 60.0) -> float:
     return bare_loop()
 
 
+def trial_alone(overrides: list[str]) -> float:
+    """Env steps per second of training of one trial alone on the machine, in a new process
+    (``_train_alone``), with torch on one thread as Ray runs a trial."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--trial-alone", json.dumps(overrides)],
+        capture_output=True, text=True, timeout=ALONE_S + 300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])["steps_per_s"]
+
+
+def _train_alone(overrides: list[str], seconds: float) -> dict[str, float]:
+    """Build the setup's trainable from its resolved config (the config's start values, not a
+    draw) in this process and train it: two warm-up iterations, then ``seconds`` of training;
+    steps counted by RLlib, time by Tune (``time_this_iter_s``), as in the tuning runs."""
+    import ray
+    import torch
+    from hydra import compose, initialize_config_dir
+    from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED
+
+    from rl_pbt.resolve import resolve
+    from rl_pbt.run import trainable_class
+
+    torch.set_num_threads(1)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["mutations.start=config", "seed=1", *overrides])
+    with tempfile.TemporaryDirectory(prefix="rl_pbt_alone_") as tmp:
+        plan = resolve(cfg, Path(tmp), launch_dir=Path(tmp))
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        algo = trainable_class(plan)(config=plan.initial_config)
+        for _ in range(2):
+            algo.train()
+        steps, train_s = 0, 0.0
+        while train_s < seconds:
+            result = algo.train()
+            steps += result[ENV_RUNNER_RESULTS][NUM_ENV_STEPS_SAMPLED]
+            train_s += result["time_this_iter_s"]
+        algo.stop()
+        ray.shutdown()
+    return {"steps_per_s": steps / train_s}
+
+
 def plain_tune_startup() -> float:
     """Seconds from launching ``scripts/plain_tune.py`` to its first trial result."""
     started = time.time()
@@ -201,13 +250,22 @@ def main() -> None:
     parser.add_argument("--equal-budget", type=float, default=120.0,
                         help="wall seconds of the equal runs that measure PBT efficiency")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    parser.add_argument("--trial-alone", metavar="OVERRIDES_JSON",
+                        help=argparse.SUPPRESS)  # the child process of trial_alone()
     args = parser.parse_args()
+    if args.trial_alone is not None:
+        print(json.dumps(_train_alone(json.loads(args.trial_alone), ALONE_S)))
+        return
     runs: dict[str, list[dict[str, Any]]] = {"rl_pbt": [], "ray_defaults": []}
     equal: dict[str, list[float]] = {"rl_pbt": [], "ray_defaults": []}
     bare: list[float] = []
+    alone: dict[str, list[float]] = {"rl_pbt": [], "ray_defaults": []}
     for seed in range(1, args.seeds + 1):  # alternate, so drift in the machine hits all three
         bare.append(quiet_bare_loop())
         print("bare", round(bare[-1]), flush=True)
+        for name, extra in (("rl_pbt", []), ("ray_defaults", RAY_DEFAULTS)):
+            alone[name].append(trial_alone(extra))
+            print(name, "trial alone", round(alone[name][-1]), flush=True)
         for name, extra in (("rl_pbt", []), ("ray_defaults", RAY_DEFAULTS)):
             result = measure_run([f"seed={seed}", *extra], args.budget)
             runs[name].append({"seed": seed, **result, "bare_steps_per_s": bare[-1]})
@@ -221,11 +279,11 @@ def main() -> None:
         startup["plain_tune"].append(plain_tune_startup())
         startup["rl_pbt"].append(measure_run(["stopper.max_iterations=1"], 120)["first_result_s"])
         print("startup", json.dumps({k: v[-1] for k, v in startup.items()}), flush=True)
-    write_results(args.out, runs, equal, startup, bare, args)
+    write_results(args.out, runs, equal, startup, bare, alone, args)
 
 
 def write_results(out: Path, runs: dict, equal: dict, startup: dict, bares: list[float],
-                  args: Any) -> None:
+                  alone: dict, args: Any) -> None:
     """The Markdown table (for the README) and the CSV of every run; the ratios to the bare
     loop use its median over the seeds."""
     out.mkdir(parents=True, exist_ok=True)
@@ -239,6 +297,11 @@ def write_results(out: Path, runs: dict, equal: dict, startup: dict, bares: list
         writer = csv.writer(handle)
         writer.writerow(["setup", "first_result_s"])
         writer.writerows((name, value) for name, values in startup.items() for value in values)
+    with (out / "trial_alone.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["setup", "seed", "steps_per_s", "bare_steps_per_s"])
+        writer.writerows((name, seed, value, bares[seed - 1]) for name, values in alone.items()
+                         for seed, value in enumerate(values, 1))
     with (out / "equal_budget.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["setup", "seed", "efficiency"])
@@ -272,7 +335,10 @@ def write_results(out: Path, runs: dict, equal: dict, startup: dict, bares: list
         f"{spread([r['span_efficiency'] for r in ray], 2)} | |",
         f"| the same, over equal {args.equal_budget:.0f} s runs (target off) | "
         f"{spread(equal['rl_pbt'], 2)} | {spread(equal['ray_defaults'], 2)} | |",
-        f"| one trial's env steps/s while training (sampling + learning) | "
+        f"| one trial alone on the machine, env steps/s while training (start config) | "
+        f"{spread(alone['rl_pbt'])} | {spread(alone['ray_defaults'])} | "
+        f"{_ratio(median(alone['rl_pbt']), bare)} of bare |",
+        f"| one trial's env steps/s while training (sampling + learning), in the runs | "
         f"{spread([r['trial_steps_per_s'] for r in ours])} | "
         f"{spread([r['trial_steps_per_s'] for r in ray])} | {_ratio(trial, bare)} of bare |",
         f"| one trial's env steps/s while sampling (no learning, as the bare loop) | "
