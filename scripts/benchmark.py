@@ -57,6 +57,8 @@ RAY_DEFAULTS = ["trainable=stock", "resources=rllib_defaults", "tensorboard=true
 UNTIL_BUDGET = ["stopper.target_return=null", "stopper.max_iterations=null"]
 #: Seconds of training one trial does alone for 3., after its warm-up iterations.
 ALONE_S = 15.0
+#: The two setups, each with its overrides of rl_pbt's defaults.
+SETUPS = (("rl_pbt", []), ("ray_defaults", RAY_DEFAULTS))
 
 
 def launch(args: list[str], workdir: Path, timeout: float) -> tuple[float, float, str]:
@@ -155,16 +157,23 @@ def quiet_bare_loop(wait: float = 60.0) -> float:
     return bare_loop()
 
 
-def trial_alone(overrides: list[str]) -> float:
-    """Env steps per second of training of one trial alone on the machine, in a new process
-    (``_train_alone``), with torch on one thread as Ray runs a trial."""
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--trial-alone", json.dumps(overrides)],
-        capture_output=True, text=True, timeout=ALONE_S + 300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+def _last_json_line(args: list[str], timeout: float, env: dict[str, str] | None = None,
+                    ) -> dict[str, Any]:
+    """Run a Python script; return the JSON object on its last line of output."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])["steps_per_s"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def trial_alone(overrides: list[str]) -> float:
+    """Env steps per second of training of one trial alone on the machine, in a new process
+    (``_train_alone``) with this checkout's rl_pbt (as :func:`launch`), and torch on one thread
+    as Ray runs a trial."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return _last_json_line([str(Path(__file__).resolve()), "--trial-alone", json.dumps(overrides)],
+                           ALONE_S + 300, env)["steps_per_s"]
 
 
 def _train_alone(overrides: list[str], seconds: float) -> dict[str, float]:
@@ -176,6 +185,7 @@ def _train_alone(overrides: list[str], seconds: float) -> dict[str, float]:
     from hydra import compose, initialize_config_dir
     from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED
 
+    from rl_pbt.local_ray import init_local
     from rl_pbt.resolve import resolve
     from rl_pbt.run import trainable_class
 
@@ -184,7 +194,7 @@ def _train_alone(overrides: list[str], seconds: float) -> dict[str, float]:
         cfg = compose("config", overrides=["mutations.start=config", "seed=1", *overrides])
     with tempfile.TemporaryDirectory(prefix="rl_pbt_alone_") as tmp:
         plan = resolve(cfg, Path(tmp), launch_dir=Path(tmp))
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        init_local(None)  # Ray as rl_pbt starts it on this machine
         algo = trainable_class(plan)(config=plan.initial_config)
         for _ in range(2):
             algo.train()
@@ -201,11 +211,7 @@ def _train_alone(overrides: list[str], seconds: float) -> dict[str, float]:
 def plain_tune_startup() -> float:
     """Seconds from launching ``scripts/plain_tune.py`` to its first trial result."""
     started = time.time()
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "plain_tune.py")],
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    first = json.loads(proc.stdout.strip().splitlines()[-1])["first_result_at"]
+    first = _last_json_line([str(ROOT / "scripts" / "plain_tune.py")], 600)["first_result_at"]
     return first - started
 
 
@@ -263,14 +269,14 @@ def main() -> None:
     for seed in range(1, args.seeds + 1):  # alternate, so drift in the machine hits all three
         bare.append(quiet_bare_loop())
         print("bare", round(bare[-1]), flush=True)
-        for name, extra in (("rl_pbt", []), ("ray_defaults", RAY_DEFAULTS)):
+        for name, extra in SETUPS:
             alone[name].append(trial_alone(extra))
             print(name, "trial alone", round(alone[name][-1]), flush=True)
-        for name, extra in (("rl_pbt", []), ("ray_defaults", RAY_DEFAULTS)):
+        for name, extra in SETUPS:
             result = measure_run([f"seed={seed}", *extra], args.budget)
             runs[name].append({"seed": seed, **result, "bare_steps_per_s": bare[-1]})
             print(name, seed, json.dumps(result), flush=True)
-        for name, extra in (("rl_pbt", []), ("ray_defaults", RAY_DEFAULTS)):
+        for name, extra in SETUPS:
             result = measure_run([f"seed={seed}", *extra, *UNTIL_BUDGET], args.equal_budget)
             equal[name].append(result["efficiency"])
             print(name, seed, "equal budget", json.dumps(result), flush=True)
