@@ -60,7 +60,12 @@ class PBTReady:
         return config
 
     def setup(self, config: Any) -> None:
-        super().setup(config)  # type: ignore[misc]
+        """RLlib's set-up, its torch seeding without importing torch's compiler
+        (``rl_pbt.seeding``: 1.1 s of each trial's start)."""
+        from rl_pbt.seeding import deterministic_without_compiler
+
+        with deterministic_without_compiler():
+            super().setup(config)  # type: ignore[misc]
         self._restored_from: str | None = None
         self._probe: dict[str, Any] = {}
         _instrument(self)

@@ -169,3 +169,31 @@ def test_learner_rllib_keeps_rllibs_update(ray_session):
         assert type(_local_learner(algo)) is expected
         assert algo.train()["rl_pbt"]["lean_update"] is lean
         algo.stop()
+
+
+def test_a_seeded_trial_starts_without_torchs_compiler(ray_session, tmp_path):
+    """In a new process, as Tune starts a trial: set-up with a seed, training, a checkpoint and
+    a restore leave TorchDynamo unimported (``rl_pbt.optimizers``, ``rl_pbt.seeding``: 1.1 s
+    of each trial's start each), and torch's determinism flag is on as RLlib's seeding sets it."""
+    import ray
+
+    config = {"env": "CartPole-v1", "num_env_runners": 0, "num_envs_per_env_runner": 2,
+              "train_batch_size_per_learner": 200, "minibatch_size": 100, "num_epochs": 1,
+              "_model_config": {"fcnet_hiddens": [8]}, "seed": 3}
+
+    # A runtime env of its own: a new worker process, never one an earlier test imported into.
+    @ray.remote(num_cpus=1, runtime_env={"env_vars": {"RL_PBT_TEST_NEW_WORKER": "1"}})
+    def train_save_restore(path: str) -> tuple[bool, bool, bool]:
+        import sys
+
+        import torch as worker_torch
+
+        algo = pbt_trainable("ray.rllib.algorithms.ppo.PPO")(config=config)
+        learned = algo.train()["rl_pbt"]["updates"] > 0
+        algo.restore(algo.save(path).checkpoint.path)
+        algo.stop()
+        return ("torch._dynamo" in sys.modules, worker_torch.are_deterministic_algorithms_enabled(),
+                learned)
+
+    imported, deterministic, learned = ray.get(train_save_restore.remote(str(tmp_path / "c")))
+    assert (imported, deterministic, learned) == (False, True, True)
