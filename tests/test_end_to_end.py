@@ -24,6 +24,8 @@ def test_default_run_ends_with_an_actionable_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "Concurrency: 1 CPU per trial x 4 trials" in out
+    # Tune's warning of frequent state snapshots, which PBT's saves cause (cheap here: run.py)
+    assert "snapshotting has been triggered" not in out + proc.stderr
     for text in ("best trial", "final hyperparameters", "env steps", "checkpoint",
                  "parent run", f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db"):
         assert text in out, text
