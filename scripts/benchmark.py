@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +289,19 @@ def main() -> None:
     write_results(args.out, runs, equal, startup, bare, alone, args)
 
 
+def _write_csv(path: Path, header: list[str], rows: Iterable[Sequence[Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _per_seed(values: dict[str, list[float]]) -> Iterator[tuple[str, int, float]]:
+    """``(setup, seed, value)`` rows of per-seed values; seeds count from 1, as the runs."""
+    return ((name, seed, value) for name, per_seed in values.items()
+            for seed, value in enumerate(per_seed, 1))
+
+
 def write_results(out: Path, runs: dict, equal: dict, startup: dict, bares: list[float],
                   alone: dict, args: Any) -> None:
     """The Markdown table (for the README) and the CSV of every run; the ratios to the bare
@@ -299,20 +313,11 @@ def write_results(out: Path, runs: dict, equal: dict, startup: dict, bares: list
         for name, rows in runs.items():
             for row in rows:
                 writer.writerow({"setup": name, **row})
-    with (out / "startup.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["setup", "first_result_s"])
-        writer.writerows((name, value) for name, values in startup.items() for value in values)
-    with (out / "trial_alone.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["setup", "seed", "steps_per_s", "bare_steps_per_s"])
-        writer.writerows((name, seed, value, bares[seed - 1]) for name, values in alone.items()
-                         for seed, value in enumerate(values, 1))
-    with (out / "equal_budget.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["setup", "seed", "efficiency"])
-        writer.writerows((name, seed, value) for name, values in equal.items()
-                         for seed, value in enumerate(values, 1))
+    _write_csv(out / "startup.csv", ["setup", "first_result_s"],
+               ((name, value) for name, values in startup.items() for value in values))
+    _write_csv(out / "trial_alone.csv", ["setup", "seed", "steps_per_s", "bare_steps_per_s"],
+               ((name, seed, value, bares[seed - 1]) for name, seed, value in _per_seed(alone)))
+    _write_csv(out / "equal_budget.csv", ["setup", "seed", "efficiency"], _per_seed(equal))
     ours, ray = runs["rl_pbt"], runs["ray_defaults"]
     ours_solve = solve_median([r["solve_s"] for r in ours])
     ray_solve = solve_median([r["solve_s"] for r in ray])
