@@ -70,6 +70,12 @@ def import_object(path: str) -> Any:
 
 
 @cache
+def _defaults(config_class: str) -> dict[str, Any]:
+    """The algorithm config's ``to_dict()``: every key with RLlib's default value."""
+    return import_object(config_class)().to_dict()
+
+
+@cache
 def valid_keys(config_class: str) -> frozenset[str]:
     """Return every key the algorithm's config accepts in dict form.
 
@@ -80,7 +86,8 @@ def valid_keys(config_class: str) -> frozenset[str]:
     from ray._common.deprecation import DEPRECATED_VALUE
 
     cls = import_object(config_class)
-    keys = {k for k, v in cls().to_dict().items() if not _is_deprecated(v, DEPRECATED_VALUE)}
+    defaults = _defaults(config_class)
+    keys = {k for k, v in defaults.items() if not _is_deprecated(v, DEPRECATED_VALUE)}
     for key in list(keys):
         public = getattr(cls, key.lstrip("_"), None)
         if key.startswith("_") and isinstance(public, property) and public.fset is not None:
@@ -114,6 +121,57 @@ def translate_keys(config: Mapping[str, Any], config_class: str, where: str) -> 
             raise ConfigError(f"{where}: {key} and {new_key} both set; keep only {new_key}")
         out[new_key] = value
     return out
+
+
+#: Keys whose number may also be a schedule, ``[[timestep, value], ...]`` (RLlib checks its form).
+SCHEDULE_KEYS = frozenset({"lr", "entropy_coeff"})
+
+
+def check_values(config: Mapping[str, Any], config_class: str, where: str) -> None:
+    """Reject a value of another kind than RLlib's default for its key (``gamma=abc``).
+
+    RLlib stores such a value without complaint and every trial then fails in its first
+    update. The kinds are loose where RLlib is: a number may be null or ``auto`` (some counts
+    take it), a string key may take a number, a key whose default is null or an object takes
+    anything. Distribution specs (``_target_``) are checked where they are instantiated.
+    """
+    defaults = _defaults(config_class)
+    for key, value in config.items():
+        if isinstance(value, Mapping) and "_target_" in value:
+            continue
+        default = defaults.get(key, defaults.get("_" + key))
+        expected = _expected_kind(key, default, value)
+        if expected:
+            raise ConfigError(f"{where}.{key}: must be {expected}, got {value!r}")
+
+
+def _expected_kind(key: str, default: Any, value: Any) -> str | None:
+    """What ``value`` should be, given RLlib's default for ``key``; None if it is that."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, (int, float)):
+        if key in SCHEDULE_KEYS:
+            ok = number or _is_schedule(value)
+            return None if ok else "a number or a schedule [[0, value], [timestep, value], ...]"
+        return None if number or value is None or value == "auto" else "a number"
+    if isinstance(default, str):
+        return None if number or isinstance(value, str) or value is None else "a string"
+    if isinstance(default, Mapping):
+        return None if isinstance(value, Mapping) or value is None else "a mapping"
+    if isinstance(default, (list, tuple)):
+        return None if isinstance(value, (list, tuple)) or value is None else "a list"
+    return None
+
+
+def _is_schedule(value: Any) -> bool:
+    """Two or more ``[timestep, value]`` pairs of numbers (RLlib checks the first is at 0)."""
+    def is_number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    return isinstance(value, (list, tuple)) and len(value) >= 2 and all(
+        isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(is_number, pair))
+        for pair in value)
 
 
 def unknown_key_message(where: str, key: str, known: frozenset[str]) -> str:

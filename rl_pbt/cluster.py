@@ -86,11 +86,16 @@ def _count(number: float, noun: str) -> str:
 
 
 def trial_resources(plan: Plan) -> TrialResources:
-    """Ask the algorithm what one trial of this plan requests (RLlib's own rule)."""
-    config = import_object(plan.algorithm.config_class)().update_from_dict(
-        {k: v for k, v in plan.initial_config.items() if k not in ("env", "env_config")}
-    )
-    factory = import_object(plan.algorithm.algorithm_class).default_resource_request(config)
+    """Ask the algorithm what one trial of this plan requests (RLlib's own rule); RLlib's own
+    checks of a value (an ``lr`` schedule's form, ...) fail here, before anything starts."""
+    algorithm = import_object(plan.algorithm.algorithm_class)
+    try:
+        config = import_object(plan.algorithm.config_class)().update_from_dict(
+            {k: v for k, v in plan.initial_config.items() if k not in ("env", "env_config")}
+        )
+        factory = algorithm.default_resource_request(config)  # runs RLlib's config.validate()
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"algorithm.config: RLlib rejects it: {first_line(err)}") from None
     needed = factory.required_resources
     return TrialResources(needed.get("CPU", 0.0), needed.get("GPU", 0.0), len(factory.bundles))
 
@@ -267,9 +272,9 @@ def describe(origin: Origin) -> dict[str, Any]:
     }
 
 
-def concurrency(plan: Plan) -> Concurrency:
-    """Compare one trial's request with the running cluster; refuse one that can never fit."""
-    trial = trial_resources(plan)
+def concurrency(plan: Plan, trial: TrialResources) -> Concurrency:
+    """Compare one trial's request (:func:`trial_resources`) with the running cluster; refuse
+    one that can never fit."""
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     if trial.cpus > cpus or trial.gpus > gpus:

@@ -18,7 +18,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from rl_pbt.algorithms import AlgorithmSpec, algorithm_spec, import_object, translate_keys
+from rl_pbt.algorithms import (
+    AlgorithmSpec,
+    algorithm_spec,
+    check_values,
+    import_object,
+    translate_keys,
+)
 from rl_pbt.distributions import Distribution, as_distribution
 from rl_pbt.envs import make_from_entry_point
 from rl_pbt.errors import ConfigError
@@ -190,8 +196,10 @@ def resolve_algorithm_config(
     """Return the fixed RLlib keys and the keys whose starting value is drawn per trial."""
     config = translate_keys(plain["algorithm"].get("config") or {}, algorithm.config_class,
                             "algorithm.config")
+    check_values(config, algorithm.config_class, "algorithm.config")
     resources = translate_keys(plain["resources"].get("config") or {}, algorithm.config_class,
                                "resources.config")
+    check_values(resources, algorithm.config_class, "resources.config")
     fixed: dict[str, Any] = {**config, **resources}
     model = {**(fixed.pop("_model_config", None) or {}), **(plain["env"].get("model_config") or {})}
     fixed["_model_config"] = model

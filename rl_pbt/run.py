@@ -113,6 +113,8 @@ def _execute(
 ) -> dict[str, Any]:
     started = time.monotonic()
     repeats = Repeats(resumed.last_iteration if resumed else None)
+    _quiet_known_noise()
+    trial = cluster.trial_resources(plan)  # RLlib's own checks, before any file or process
     if plan.tracking.enabled:
         check_reachable(plan.tracking)
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-open") as pool:
@@ -120,11 +122,10 @@ def _execute(
         opening = pool.submit(MlflowTracker, plan, repeats) if plan.tracking.enabled else None
         ray_used = cluster.describe(cluster.start_ray(plan))
         tracker = opening.result() if opening else None
-    fit = cluster.concurrency(plan)
+    fit = cluster.concurrency(plan, trial)
     print(fit.report(), flush=True)
     envs.register(plan.env)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
-    _quiet_known_noise()
     random.seed(plan.seed)  # PBT draws its quantile picks and perturbations from `random`
     scheduler = build_scheduler(plan, fit.concurrent)
     recorder = RunRecorder(plan.output_dir, plan.stop.metric, list(plan.mutations), repeats)
@@ -236,12 +237,18 @@ def _write_report(plan: Plan) -> Report | None:
 
 
 def _quiet_known_noise() -> None:
-    """Silence Tune's "Remote file not found" warning on every PBT resume.
+    """Silence two warnings that say nothing to an rl_pbt user.
 
-    It reports the result.json sync gap that ``rl_pbt.records`` works around; shown to a user
-    it only suggests a problem that rl_pbt's own records do not have.
+    Tune's "Remote file not found" on every PBT resume reports the result.json sync gap that
+    ``rl_pbt.records`` works around. RLlib's "You are running PPO on the new API stack!" at
+    every config check announces the stack rl_pbt is built on. Other warnings of both pass.
     """
     logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)
+    logging.getLogger("ray.rllib.algorithms.algorithm_config").addFilter(_not_new_stack_notice)
+
+
+def _not_new_stack_notice(record: logging.LogRecord) -> bool:
+    return "on the new API stack! This is the new default" not in record.getMessage()
 
 
 def _open_tracking(

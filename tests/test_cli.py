@@ -29,6 +29,9 @@ BAD_INPUT = [
      "scheduler.perturbation_interval: no such key in scheduler=random; it has name"),
     (["-m", "scheduler=pbt,random", "scheduler.perturbation_interval=2"],
      "no such key in scheduler=random; scheduler=pbt has it: sweep scheduler=random separately"),
+    (["algorithm.config.gamma=abc"], "algorithm.config.gamma: must be a number, got 'abc'"),
+    (["algorithm.config.lr=[[5,0.001],[1000,0.0001]]", "mutations.start=config"],
+     "algorithm.config: RLlib rejects it: When providing a `lr` schedule"),
 ]
 
 #: Overrides the README and the tests use: the key check before Hydra lets them all through.

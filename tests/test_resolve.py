@@ -142,6 +142,13 @@ def test_relative_sqlite_uri_is_anchored_at_the_launch_dir(tmp_path):
         (["mutations=wide", "mutations.hyperparams.train_batch_size_per_learner.low=500"],
          "minibatch_size: a first draw can be 1000, above the smallest first "
          "train_batch_size_per_learner 500"),
+        # A value of another kind than RLlib's default for its key: every trial would fail.
+        (["algorithm.config.gamma=abc"], "algorithm.config.gamma: must be a number, got 'abc'"),
+        (["+algorithm.config.explore=5"], "algorithm.config.explore: must be true or false"),
+        (["resources.config.num_envs_per_env_runner=many"],
+         "resources.config.num_envs_per_env_runner: must be a number, got 'many'"),
+        (["algorithm.config.lr=[1,2]"],
+         "algorithm.config.lr: must be a number or a schedule [[0, value], [timestep, value]"),
     ],
 )
 def test_bad_input_is_one_config_error(overrides, message, tmp_path):
@@ -182,6 +189,33 @@ def test_trial_resources_and_the_concurrency_report(overrides, cpus, line, tmp_p
     if line:
         fit = Concurrency(trial, 2, 0, plan.population, min(plan.population, int(2 // cpus)))
         assert line in fit.report()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["+algorithm.config.rollout_fragment_length=auto", "+algorithm.config.grad_clip=0.5",
+     "algorithm.config.num_epochs=null", "+algorithm.config.use_kl_loss=false"],
+    ["algorithm.config.lr=[[0,0.001],[1000,0.0001]]", "mutations.start=config"],
+])
+def test_values_of_the_kinds_rllib_takes_pass(overrides, tmp_path):
+    """Counts take ``auto`` or null, a null default takes a number, lr takes a schedule."""
+    from rl_pbt.cluster import trial_resources
+
+    assert trial_resources(plan_for(overrides, tmp_path)).cpus == 1
+
+
+def test_rllibs_own_checks_fail_as_a_config_error(tmp_path):
+    """RLlib's ``validate()`` (run for the trial's resource request) rejects a schedule that
+    does not start at 0: one ConfigError naming RLlib's reason."""
+    from rl_pbt.cluster import trial_resources
+    from rl_pbt.errors import ConfigError
+
+    plan = plan_for(["algorithm.config.lr=[[5,0.001],[1000,0.0001]]", "mutations.start=config"],
+                    tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        trial_resources(plan)
+    assert str(caught.value).startswith(
+        "algorithm.config: RLlib rejects it: When providing a `lr` schedule, the first timestep "
+        "must be 0")
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "true", "'2'", "1.5"])
