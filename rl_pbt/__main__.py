@@ -27,6 +27,7 @@ def main(cfg: DictConfig) -> float | None:
     if not cfg.get("resume"):
         local_ray.start_early(cfg.get("resources") or {})
     from rl_pbt.run import run
+    from rl_pbt.summary import every_trial_failed
 
     try:
         summary = run(cfg)
@@ -36,8 +37,17 @@ def main(cfg: DictConfig) -> float | None:
     except Interrupted as err:
         print(f"rl_pbt: {err}", file=sys.stderr)
         sys.exit(130)
+    error = every_trial_failed(summary)
+    if error:  # the summary above shows each trial's error; the command fails
+        print(f"rl_pbt: error: every trial failed ({error}); their records are in "
+              f"{summary['output_dir']}", file=sys.stderr, flush=True)
+        _failed_runs.append(summary["output_dir"])
     best = summary.get("best")
     return best["return"] if best else None
+
+
+#: Runs of this command (one, or a multirun's jobs) in which every trial failed: exit code 1.
+_failed_runs: list[str] = []
 
 
 def exit_without_teardown() -> NoReturn:
@@ -50,7 +60,7 @@ def exit_without_teardown() -> NoReturn:
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(1 if _failed_runs else 0)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,10 @@ def translate_keys(config: Mapping[str, Any], config_class: str, where: str) -> 
 SCHEDULE_KEYS = frozenset({"lr", "entropy_coeff"})
 
 
+#: Counts (``num_*`` keys) that must be at least 1; the others at least 0.
+COUNT_MINIMUM = {"num_envs_per_env_runner": 1, "num_epochs": 1}
+
+
 def check_values(config: Mapping[str, Any], config_class: str, where: str) -> None:
     """Reject a value of another kind than RLlib's default for its key (``gamma=abc``).
 
@@ -154,6 +158,8 @@ def _expected_kind(key: str, default: Any, value: Any) -> str | None:
         if key in SCHEDULE_KEYS:
             ok = number or _is_schedule(value)
             return None if ok else "a number or a schedule [[0, value], [timestep, value], ...]"
+        if number and key.startswith("num_") and value < COUNT_MINIMUM.get(key, 0):
+            return f"a count >= {COUNT_MINIMUM.get(key, 0)}"  # RLlib fails in each trial
         return None if number or value is None or value == "auto" else "a number"
     if isinstance(default, str):
         return None if number or isinstance(value, str) or value is None else "a string"
@@ -230,6 +236,10 @@ def ppo_check(bounds: Mapping[str, Any], first: Mapping[str, Any] | None = None)
     epochs = bounds.get("num_epochs")
     if epochs and epochs[1] < 1:
         raise ConfigError(f"num_epochs: highest value {epochs[1]} is below 1; need >= 1")
+    for key in ("num_epochs", "minibatch_size", "train_batch_size_per_learner"):
+        low = ((first or {}).get(key) or (None, None))[0]
+        if low is not None and low < 1:  # a first config goes to RLlib unrepaired
+            raise ConfigError(f"{key}: a first value can be {low}; RLlib needs >= 1")
 
 
 #: Invariants per algorithm name. An algorithm without an entry needs only its YAML file.

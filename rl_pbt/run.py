@@ -31,7 +31,13 @@ from rl_pbt.resolve import resolve
 from rl_pbt.resume import RUN_INFO, CtrlC, Repeats, ResumePoint
 from rl_pbt.schedulers import Scheduler, build_scheduler
 from rl_pbt.stopping import PlanStopper
-from rl_pbt.summary import build_summary, format_summary, run_info, write_summary
+from rl_pbt.summary import (
+    build_summary,
+    every_trial_failed,
+    format_summary,
+    run_info,
+    write_summary,
+)
 from rl_pbt.tracking import JOB_TAG, SWEEP_TAG, MlflowTracker, check_reachable, ui_command
 from rl_pbt.trainable import pbt_trainable
 from rl_pbt.values import first_line
@@ -164,7 +170,8 @@ def _execute(
         _mark_killed(tracker)  # never leave the parent or a child run RUNNING
         raise
     if tracker:
-        tracker.close(summary, artifacts=report.paths() if report else [])
+        status = "FAILED" if every_trial_failed(summary) else "FINISHED"
+        tracker.close(summary, status, artifacts=report.paths() if report else [])
     print(format_summary(summary), flush=True)
     if report:
         print(f"report       {report.markdown}", flush=True)

@@ -92,6 +92,15 @@ def build_summary(
     }
 
 
+def every_trial_failed(summary: Mapping[str, Any]) -> str | None:
+    """The first trial's error when every trial of the run failed, else None: a run that
+    trained no agent is a failed command, however orderly its end."""
+    trials = summary.get("trials") or []
+    if trials and all(t.get("error") for t in trials):
+        return str(trials[0]["error"])
+    return None
+
+
 def write_summary(summary: Mapping[str, Any], output_dir: Path) -> Path:
     """Write ``summary.json`` into the run folder."""
     return write_json(summary, output_dir / "summary.json")

@@ -204,7 +204,7 @@ class MlflowTracker(Callback):
             for key in ("trial_id", "checkpoint"):
                 if best.get(key):
                     self.client.set_tag(self.parent_id, f"best.{key}", str(best[key]))
-        if status == "FINISHED":
+        if status != "KILLED":  # a kill has ended its running children already
             self._end_stopped_trials()
         self.client.set_terminated(self.parent_id, status)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, run_cli
 
 from rl_pbt.faults import FlakyEnv, trial_index
 from rl_pbt.records import FAILURES_FILE, TRIALS_FILE, read_jsonl
@@ -77,6 +77,29 @@ def test_trial_that_keeps_failing_is_reported_and_the_other_finishes(
     error_tag = next(c.data.tags.get("rl_pbt.error") for c in children
                  if c.info.status == "FAILED")
     assert "FlakyEnv: injected failure 2 of 10" in error_tag
+
+
+@pytest.mark.slow
+def test_a_run_whose_every_trial_failed_fails_the_command(tmp_path):
+    """The summary still shows each trial's error, MLflow's parent run ends FAILED, and the
+    command ends with one error line and exit code 1 (it was 0: nothing was trained)."""
+    tiny = [o for o in TINY if not o.startswith("scheduler.")]
+    proc = run_cli([
+        *tiny, "population=2", "scheduler=fifo", "max_failures=0", "seed=11",
+        "env=entry_point", "env.entry_point=rl_pbt.faults:FlakyEnv", "env.target_return=450",
+        "+env.env_config.fail_at_step=50", "+env.env_config.fail_times=5",
+        "+env.env_config.fail_trials=[0,1]", f"+env.env_config.state_dir={tmp_path}"],
+        cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stdout.count("FAILED: RuntimeError: FlakyEnv: injected failure 1 of 5") == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rl_pbt: error: every trial failed (RuntimeError: FlakyEnv: "), last
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [parent] = client.search_runs(["1"], "tags.mlflow.runName LIKE 'PPO%'")
+    assert parent.info.status == "FAILED"
 
 
 def test_flaky_env_fails_only_in_its_trials_and_only_so_often(tmp_path, monkeypatch):

@@ -149,6 +149,12 @@ def test_relative_sqlite_uri_is_anchored_at_the_launch_dir(tmp_path):
          "resources.config.num_envs_per_env_runner: must be a number, got 'many'"),
         (["algorithm.config.lr=[1,2]"],
          "algorithm.config.lr: must be a number or a schedule [[0, value], [timestep, value]"),
+        (["algorithm.config.num_epochs=0", "mutations.start=config"],
+         "algorithm.config.num_epochs: must be a count >= 1, got 0"),
+        (["resources.config.num_env_runners=-1"],
+         "resources.config.num_env_runners: must be a count >= 0, got -1"),
+        (["mutations.hyperparams.num_epochs.low=0"],
+         "num_epochs: a first value can be 0; RLlib needs >= 1"),
     ],
 )
 def test_bad_input_is_one_config_error(overrides, message, tmp_path):
