@@ -331,9 +331,18 @@ def resolve_tracking(tracking: Mapping[str, Any], launch_dir: Path) -> Tracking:
                     'pip install -e ".[azureml]"'
                 )
         backend = "mlflow"
-    uri = str(tracking.get("tracking_uri") or "sqlite:///mlflow.db")
+    uri = _text(tracking, "tracking_uri") or "sqlite:///mlflow.db"
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str((launch_dir / uri[len(prefix):]).resolve())
-    name = tracking.get("experiment_name") or "rl_pbt"
-    return Tracking(backend, uri, str(name))
+    return Tracking(backend, uri, _text(tracking, "experiment_name") or "rl_pbt")
+
+
+def _text(tracking: Mapping[str, Any], key: str) -> str | None:
+    """A tracking setting as text (a number reads as its digits); null or empty is None."""
+    value = tracking.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(f"tracking.{key}: must be a string, got {value!r}")
+    return str(value)

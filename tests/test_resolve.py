@@ -126,6 +126,8 @@ def test_relative_sqlite_uri_is_anchored_at_the_launch_dir(tmp_path):
         (["env=entry_point", "env.entry_point=no.such:Env", "env.target_return=1"],
          "cannot import 'no.such:Env'"),
         (["tracking.backend=wandb"], "tracking.backend: unknown 'wandb'"),
+        (["tracking.experiment_name=[1]"], "tracking.experiment_name: must be a string, got [1]"),
+        (["tracking.tracking_uri={a:1}"], "tracking.tracking_uri: must be a string"),
         (["+scheduler.perturbation_intervall=3"],
          "scheduler.perturbation_intervall: not a PBT option; "
          "did you mean 'perturbation_interval'"),
