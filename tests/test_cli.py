@@ -102,3 +102,32 @@ def test_cfg_job_shows_the_guides_setup(tmp_path):
                  "resample_probability: 0.25", "num_env_runners: 4", "kl_coeff: 1.0",
                  "- 0.001", "high: 160000", "max_iterations: 100", "target_return: 300"):
         assert text in proc.stdout, text
+
+
+def test_known_noise_is_dropped_and_other_warnings_pass():
+    """RLlib's new-API-stack notice and PBT's 20 KB "Cannot find metric" dump are dropped; any
+    other warning of the same loggers still shows."""
+    import logging
+
+    from rl_pbt.run import _quiet_known_noise
+
+    _quiet_known_noise()
+    _quiet_known_noise()  # a multirun's next job: still one filter each
+    shown: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())  # type: ignore[method-assign]
+    loggers = [logging.getLogger("ray.tune.schedulers.pbt"),
+               logging.getLogger("ray.rllib.algorithms.algorithm_config")]
+    for logger in loggers:
+        assert len(logger.filters) == 1
+        logger.addHandler(handler)  # Ray's loggers do not propagate to pytest's handler
+    try:
+        pbt, config = loggers
+        pbt.warning("Cannot find metric env_runners/episode_return_mean in trial result {...}")
+        config.warning("You are running PPO on the new API stack! This is the new default ...")
+        pbt.warning("another PBT warning")
+        config.warning("another config warning")
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert shown == ["another PBT warning", "another config warning"]
