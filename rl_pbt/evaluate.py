@@ -90,6 +90,9 @@ def load_module(checkpoint: Path) -> Any:
     """The trained RLModule of a checkpoint; anything unreadable is one clear error."""
     from ray.rllib.core.rl_module.rl_module import RLModule
 
+    from rl_pbt.noise import quiet_known_noise
+
+    quiet_known_noise()  # RLlib's deprecation notice about its own checkpoint format
     try:
         return RLModule.from_checkpoint(str((checkpoint / MODULE_PATH).resolve()))
     except Exception as err:  # a corrupt checkpoint fails in many ways inside RLlib

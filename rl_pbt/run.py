@@ -24,6 +24,7 @@ from rl_pbt.algorithms import import_object
 from rl_pbt.cli import discard_empty_output_dir
 from rl_pbt.cluster import environ_default
 from rl_pbt.errors import ConfigError, Interrupted
+from rl_pbt.noise import quiet_known_noise
 from rl_pbt.plan import Plan
 from rl_pbt.progress import ProgressPrinter
 from rl_pbt.records import EXPLOITS_FILE, RunRecorder, read_jsonl, write_json
@@ -119,7 +120,7 @@ def _execute(
 ) -> dict[str, Any]:
     started = time.monotonic()
     repeats = Repeats(resumed.last_iteration if resumed else None)
-    _quiet_known_noise()
+    quiet_known_noise()
     trial = cluster.trial_resources(plan)  # RLlib's own checks, before any file or process
     if plan.tracking.enabled:
         check_reachable(plan.tracking)
@@ -241,42 +242,6 @@ def _write_report(plan: Plan) -> Report | None:
     except ConfigError as err:
         log.warning("no report: %s", err)
         return None
-
-
-def _quiet_known_noise() -> None:
-    """Silence warnings that say nothing to an rl_pbt user; other warnings of the same loggers
-    pass.
-
-    Tune's "Remote file not found" on every PBT resume reports the result.json sync gap that
-    ``rl_pbt.records`` works around. RLlib's "You are running PPO on the new API stack!" at
-    every config check announces the stack rl_pbt is built on. PBT's "Cannot find metric ... in
-    trial result {...}" comes when a first iteration ends before any episode (Pendulum's
-    200-step episodes in a 3072-step batch over 16 envs) and prints the whole result, 20 KB of
-    it; PBT waits for a result with a return either way, and rl_pbt's progress lines and summary
-    say "no episode finished".
-    """
-    logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)
-    for name, drop in _NOISE.items():
-        logging.getLogger(name).addFilter(drop)  # once: a logger keeps one of each filter
-
-
-class _Drop(logging.Filter):
-    """Drops a logger's records whose message contains ``fragment``."""
-
-    def __init__(self, fragment: str) -> None:
-        super().__init__()
-        self.fragment = fragment
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.fragment not in record.getMessage()
-
-
-#: The warnings :func:`_quiet_known_noise` drops, by logger.
-_NOISE = {
-    "ray.rllib.algorithms.algorithm_config": _Drop(
-        "on the new API stack! This is the new default"),
-    "ray.tune.schedulers.pbt": _Drop("Cannot find metric"),
-}
 
 
 def _open_tracking(

@@ -105,29 +105,33 @@ def test_cfg_job_shows_the_guides_setup(tmp_path):
 
 
 def test_known_noise_is_dropped_and_other_warnings_pass():
-    """RLlib's new-API-stack notice and PBT's 20 KB "Cannot find metric" dump are dropped; any
-    other warning of the same loggers still shows."""
+    """RLlib's new-API-stack notice, PBT's 20 KB "Cannot find metric" dump and RLlib's notice
+    about its own checkpoints are dropped; any other warning of the same loggers still shows."""
     import logging
 
-    from rl_pbt.run import _quiet_known_noise
+    from rl_pbt.noise import quiet_known_noise
 
-    _quiet_known_noise()
-    _quiet_known_noise()  # a multirun's next job: still one filter each
+    quiet_known_noise()
+    quiet_known_noise()  # a multirun's next job: still one filter each
     shown: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: shown.append(record.getMessage())  # type: ignore[method-assign]
     loggers = [logging.getLogger("ray.tune.schedulers.pbt"),
-               logging.getLogger("ray.rllib.algorithms.algorithm_config")]
+               logging.getLogger("ray.rllib.algorithms.algorithm_config"),
+               logging.getLogger("ray._common.deprecation")]
     for logger in loggers:
         assert len(logger.filters) == 1
         logger.addHandler(handler)  # Ray's loggers do not propagate to pytest's handler
     try:
-        pbt, config = loggers
+        pbt, config, deprecation = loggers
         pbt.warning("Cannot find metric env_runners/episode_return_mean in trial result {...}")
         config.warning("You are running PPO on the new API stack! This is the new default ...")
+        deprecation.warning("DeprecationWarning: `RLModule(config=[RLModuleConfig object])` "
+                            "has been deprecated. Use ...")
         pbt.warning("another PBT warning")
         config.warning("another config warning")
+        deprecation.warning("another deprecation")
     finally:
         for logger in loggers:
             logger.removeHandler(handler)
-    assert shown == ["another PBT warning", "another config warning"]
+    assert shown == ["another PBT warning", "another config warning", "another deprecation"]

@@ -1,0 +1,43 @@
+"""Warnings of Ray and RLlib that say nothing to an rl_pbt user, dropped by their message.
+
+Each entry names a logger and a fragment of the one message dropped; every other warning of
+that logger still shows. Tune's "Remote file not found" on every PBT resume (its whole logger
+is quieted) reports the result.json sync gap that ``rl_pbt.records`` works around.
+"""
+
+from __future__ import annotations
+
+import logging
+
+
+class _Drop(logging.Filter):
+    """Drops a logger's records whose message contains ``fragment``."""
+
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+#: The dropped warnings, by logger.
+NOISE = {
+    # At every config check: the stack rl_pbt is built on.
+    "ray.rllib.algorithms.algorithm_config": _Drop(
+        "on the new API stack! This is the new default"),
+    # When a first iteration ends before any episode (Pendulum's 200-step episodes in a
+    # 3072-step batch over 16 envs), with the whole result: 20 KB. PBT waits for a result with a
+    # return either way; rl_pbt's progress lines and summary say "no episode finished".
+    "ray.tune.schedulers.pbt": _Drop("Cannot find metric"),
+    # RLlib's own checkpoints pass the deprecated argument when a module is restored from them.
+    "ray._common.deprecation": _Drop(
+        "`RLModule(config=[RLModuleConfig object])` has been deprecated"),
+}
+
+
+def quiet_known_noise() -> None:
+    """Add the filters (once: a logger keeps one of each) and quiet Tune's resume warning."""
+    logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)
+    for name, drop in NOISE.items():
+        logging.getLogger(name).addFilter(drop)
