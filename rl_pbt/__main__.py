@@ -15,6 +15,7 @@ from rl_pbt.cli import (
     CONF_DIR,
     check_group_options,
     check_override_keys,
+    check_sweep_jobs,
     discard_empty_output_dir,
     fail,
 )
@@ -30,6 +31,8 @@ def main(cfg: DictConfig) -> float | None:
     from rl_pbt.summary import every_trial_failed
 
     try:
+        if _first_job_of_a_multirun():
+            check_sweep_jobs(sys.argv[1:])  # every job's config, while Ray starts
         summary = run(cfg)
     except ConfigError as err:
         discard_empty_output_dir()
@@ -44,6 +47,14 @@ def main(cfg: DictConfig) -> float | None:
         _failed_runs.append(summary["output_dir"])
     best = summary.get("best")
     return best["return"] if best else None
+
+
+def _first_job_of_a_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    config = HydraConfig.get()
+    return config.mode == RunMode.MULTIRUN and config.job.num == 0
 
 
 #: Runs of this command (one, or a multirun's jobs) in which every trial failed: exit code 1.

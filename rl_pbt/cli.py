@@ -64,13 +64,23 @@ def discard_empty_output_dir() -> None:
     bookkeeping = {".hydra", f"{HydraConfig.get().job.name}.log"}
     if folder.is_dir() and {p.name for p in folder.iterdir()} <= bookkeeping:
         shutil.rmtree(folder)
-        # Hydra's default layout outputs/DATE/TIME: drop the DATE and outputs folders it made,
-        # when empty. A folder the user named with hydra.run.dir is never touched above it.
-        date, top = folder.parent, folder.parent.parent
-        if top.name == "outputs":
-            for parent in (date, top):
-                if not any(parent.iterdir()):
-                    parent.rmdir()
+        _discard_empty_parents(folder, "outputs")
+    sweep = Path(HydraConfig.get().sweep.dir).resolve()
+    in_sweep = folder.parent.resolve() == sweep and sweep.is_dir()
+    if in_sweep and {p.name for p in sweep.iterdir()} <= {"multirun.yaml"}:
+        shutil.rmtree(sweep)  # a multirun that failed in its first job: nothing ran
+        _discard_empty_parents(sweep, "multirun")
+
+
+def _discard_empty_parents(folder: Path, top_name: str) -> None:
+    """Hydra's default layout TOP/DATE/TIME: drop the DATE and TOP folders it made, when empty.
+    A folder the user named with hydra.run.dir or hydra.sweep.dir is never touched above it."""
+    date, top = folder.parent, folder.parent.parent
+    if folder.exists() or top.name != top_name:
+        return
+    for parent in (date, top):
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
 
 
 def group_options(group: str) -> list[str]:
@@ -134,6 +144,52 @@ def check_override_keys(argv: list[str]) -> None:
         for option, tree in trees.items():
             others = [o for o, t in trees.items() if o != option and _has(t, path[1:])]
             _check_key(tree, path[1:], f"{group}={option}", group, others)
+
+
+def check_sweep_jobs(argv: list[str]) -> None:
+    """In a multirun, compose and resolve every job's config before the first job trains.
+
+    Hydra composes a job's config only when the job starts, so a bad value in a later job of
+    the grid (``-m algorithm.config.gamma=0.99,abc``) failed after the jobs before it had
+    trained. Each job's overrides (as Hydra's basic sweeper expands them) go through
+    ``rl_pbt.resolve`` here; the first job that fails is the one error line. What this cannot
+    expand as Hydra would (another sweeper or launcher, another primary config, a resume) or
+    compose (Hydra's own errors) is left to the jobs.
+    """
+    if not {"-m", "--multirun"} & set(argv):
+        return
+    overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra.")]
+    if any(a.startswith(_OTHER_CONFIG) for a in argv) or any(
+            o.lstrip("+~").startswith(("hydra/", "resume=")) for o in overrides):
+        return
+    import tempfile
+    from contextlib import nullcontext
+
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from rl_pbt.resolve import resolve
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        [jobs] = BasicSweeper.split_arguments(parsed, None)
+    except Exception:  # Hydra's grammar error: Hydra reports it
+        return
+    # Inside the running app (a multirun's first job) Hydra is set up with this config's path.
+    hydra = (nullcontext() if GlobalHydra.instance().is_initialized()
+             else initialize_config_dir(str(CONF_DIR), version_base="1.3"))
+    with hydra, tempfile.TemporaryDirectory(prefix="rl_pbt_sweep_check_") as tmp:
+        for number, job in enumerate(jobs):
+            try:
+                cfg = compose("config", overrides=job)
+            except Exception:  # Hydra's composition error: the job reports it
+                return
+            try:
+                resolve(cfg, Path(tmp) / str(number))
+            except ConfigError as err:
+                raise ConfigError(f"job {number} ({' '.join(job)}): {err}") from None
 
 
 def _has(tree: Any, keys: list[str]) -> bool:

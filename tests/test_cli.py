@@ -30,6 +30,10 @@ BAD_INPUT = [
     (["-m", "scheduler=pbt,random", "scheduler.perturbation_interval=2"],
      "no such key in scheduler=random; scheduler=pbt has it: sweep scheduler=random separately"),
     (["algorithm.config.gamma=abc"], "algorithm.config.gamma: must be a number, got 'abc'"),
+    # A later job of a sweep: every job is checked before the first trains.
+    (["-m", "algorithm.config.gamma=0.99,abc", "stopper.max_iterations=2"],
+     "job 1 (algorithm.config.gamma=abc stopper.max_iterations=2): algorithm.config.gamma: "
+     "must be a number"),
     (["algorithm.config.lr=[[5,0.001],[1000,0.0001]]", "mutations.start=config"],
      "algorithm.config: RLlib rejects it: When providing a `lr` schedule"),
 ]
@@ -72,6 +76,7 @@ def test_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
     _assert_one_line_error(proc, message)
     assert not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "outputs").exists()
+    assert not (tmp_path / "multirun").exists()
 
 
 @pytest.mark.parametrize("args", GOOD_OVERRIDES)
