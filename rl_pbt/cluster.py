@@ -94,8 +94,10 @@ def trial_resources(plan: Plan) -> TrialResources:
             {k: v for k, v in plan.initial_config.items() if k not in ("env", "env_config")}
         )
         factory = algorithm.default_resource_request(config)  # runs RLlib's config.validate()
-    except (ValueError, TypeError, KeyError) as err:
-        raise ConfigError(f"algorithm.config: RLlib rejects it: {first_line(err)}") from None
+    except (ValueError, TypeError) as err:  # from RLlib's checks (a TypeError for a bad form)
+        raise ConfigError(
+            f"algorithm.config: RLlib rejects the first trial's config: {first_line(err)}"
+        ) from None
     needed = factory.required_resources
     return TrialResources(needed.get("CPU", 0.0), needed.get("GPU", 0.0), len(factory.bundles))
 

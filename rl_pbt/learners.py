@@ -56,7 +56,9 @@ class FusedAdamPPOLearner(PPOTorchLearner):
 
     def configure_optimizers_for_module(self, module_id: Any, config: Any = None) -> None:
         params = self.get_parameters(self._module[module_id])
-        self.register_optimizer(module_id=module_id, optimizer=EagerAdam(params, fused=True),
+        # A compiled update needs the graph breaks of torch's wrappers that EagerAdam skips.
+        adam = torch.optim.Adam if self.config.torch_compile_learner else EagerAdam
+        self.register_optimizer(module_id=module_id, optimizer=adam(params, fused=True),
                                 params=params, lr_or_lr_schedule=config.lr)
 
     def _set_optimizer_state(self, state: Any) -> None:

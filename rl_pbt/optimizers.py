@@ -18,23 +18,27 @@ import torch
 from torch.optim import Adam, Optimizer
 
 
-def _unwrapped(method: Callable[..., Any]) -> Callable[..., Any]:
+def _unwrapped(method: Callable[..., Any], qualname: str) -> Callable[..., Any]:
     """The function under torch's wrappers (``inspect.unwrap`` follows ``__wrapped__``; torch
-    wraps ``Adam.step`` once more, with its profiler hook, when the first Adam is made)."""
-    return inspect.unwrap(method)
+    wraps ``Adam.step`` once more, with its profiler hook, when the first Adam is made), or the
+    method as it is when what lies under is not torch's own ``qualname`` (another torch)."""
+    inner = inspect.unwrap(method)
+    return inner if getattr(inner, "__qualname__", None) == qualname else method
 
 
 class EagerAdam(Adam):
     """``torch.optim.Adam`` whose methods skip the wrappers that import TorchDynamo.
 
-    Not for ``torch.compile`` (the wrappers' graph breaks are what a compiled step needs).
+    Not for ``torch.compile`` (the wrappers' graph breaks are what a compiled step needs):
+    ``rl_pbt.learners`` uses torch's Adam when RLlib compiles the learner. Checked against
+    torch's Adam bit for bit (``tests/test_optimizers.py``) for the torch this project pins.
     """
 
-    add_param_group = _unwrapped(Optimizer.add_param_group)
-    zero_grad = _unwrapped(Optimizer.zero_grad)
-    state_dict = _unwrapped(Optimizer.state_dict)
-    load_state_dict = _unwrapped(Optimizer.load_state_dict)
-    _adam_step = _unwrapped(Adam.step)
+    add_param_group = _unwrapped(Optimizer.add_param_group, "Optimizer.add_param_group")
+    zero_grad = _unwrapped(Optimizer.zero_grad, "Optimizer.zero_grad")
+    state_dict = _unwrapped(Optimizer.state_dict, "Optimizer.state_dict")
+    load_state_dict = _unwrapped(Optimizer.load_state_dict, "Optimizer.load_state_dict")
+    _adam_step = _unwrapped(Adam.step, "Adam.step")
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Adam's step with grad mode as torch's wrapper sets it (off unless differentiable)."""

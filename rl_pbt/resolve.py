@@ -60,6 +60,11 @@ def resolve(
     env = resolve_env(plain["env"])
     fixed, initial = resolve_algorithm_config(plain, algorithm, env)
     mutations = resolve_mutations(plain["mutations"], algorithm)
+    for key in mutations:
+        if isinstance(fixed.get(key), (list, tuple)):  # a schedule: PBT perturbs numbers
+            raise ConfigError(
+                f"algorithm.config.{key}: a schedule, but mutations.hyperparams.{key} mutates "
+                f"{key}; give a number or drop {key} from the mutations")
     population = _positive_int(plain, "population")
     scheduler = resolve_scheduler(plain["scheduler"], population, mutations)
     param_space = {**fixed, **{key: dist.to_tune() for key, dist in initial.items()}}

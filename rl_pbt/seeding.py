@@ -23,22 +23,29 @@ _INDUCTOR_CONFIG = "torch._inductor.config"
 _INDUCTOR_DETERMINISTIC = "TORCHINDUCTOR_DETERMINISTIC"
 
 
+#: torch's own function, taken at import: what the block restores (also after nested blocks).
+_ORIGINAL = torch.use_deterministic_algorithms
+
+
 def _use_deterministic_algorithms(mode: bool, *, warn_only: bool = False) -> None:
-    """``torch.use_deterministic_algorithms``, with inductor's flag set without importing it."""
-    inductor = sys.modules.get(_INDUCTOR_CONFIG)
-    if inductor is not None:
-        inductor.deterministic = mode
-    else:
-        os.environ[_INDUCTOR_DETERMINISTIC] = "1" if mode else "0"
+    """``torch.use_deterministic_algorithms``, with inductor's flag handed to the variable
+    while inductor is not imported; torch's own function once it is."""
+    if _INDUCTOR_CONFIG in sys.modules:
+        _ORIGINAL(mode, warn_only=warn_only)
+        return
+    os.environ[_INDUCTOR_DETERMINISTIC] = "1" if mode else "0"
     torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
 
 
 @contextmanager
 def deterministic_without_compiler() -> Iterator[None]:
-    """Within the block, ``torch.use_deterministic_algorithms`` leaves inductor unimported."""
-    original = torch.use_deterministic_algorithms
+    """Within the block, ``torch.use_deterministic_algorithms`` leaves inductor unimported.
+
+    The variable stays set after the block, as inductor's flag would have (this process's and
+    its child processes' inductor read it; Ray's actors do not inherit it).
+    """
     torch.use_deterministic_algorithms = _use_deterministic_algorithms
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms = original
+        torch.use_deterministic_algorithms = _ORIGINAL

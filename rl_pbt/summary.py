@@ -93,8 +93,9 @@ def build_summary(
 
 
 def every_trial_failed(summary: Mapping[str, Any]) -> str | None:
-    """The first trial's error when every trial of the run failed, else None: a run that
-    trained no agent is a failed command, however orderly its end."""
+    """The first trial's error when every trial of the run ended in an error, else None: a
+    failed command, however orderly its end (the summary still names the best checkpoint of
+    any training before the errors)."""
     trials = summary.get("trials") or []
     if trials and all(t.get("error") for t in trials):
         return str(trials[0]["error"])

@@ -34,8 +34,9 @@ BAD_INPUT = [
     (["-m", "algorithm.config.gamma=0.99,abc", "stopper.max_iterations=2"],
      "job 1 (algorithm.config.gamma=abc stopper.max_iterations=2): algorithm.config.gamma: "
      "must be a number"),
-    (["algorithm.config.lr=[[5,0.001],[1000,0.0001]]", "mutations.start=config"],
-     "algorithm.config: RLlib rejects it: When providing a `lr` schedule"),
+    (["+algorithm.config.entropy_coeff=[[5,0.01],[1000,0.0]]", "mutations.start=config"],
+     "algorithm.config: RLlib rejects the first trial's config: When providing a "
+     "`entropy_coeff` schedule"),
 ]
 
 #: Overrides the README and the tests use: the key check before Hydra lets them all through.

@@ -151,6 +151,8 @@ def test_relative_sqlite_uri_is_anchored_at_the_launch_dir(tmp_path):
          "resources.config.num_envs_per_env_runner: must be a number, got 'many'"),
         (["algorithm.config.lr=[1,2]"],
          "algorithm.config.lr: must be a number or a schedule [[0, value], [timestep, value]"),
+        (["algorithm.config.lr=[[0,0.001],[1000,0.0001]]", "mutations.start=config"],
+         "algorithm.config.lr: a schedule, but mutations.hyperparams.lr mutates lr"),
         (["algorithm.config.num_epochs=0", "mutations.start=config"],
          "algorithm.config.num_epochs: must be a count >= 1, got 0"),
         (["resources.config.num_env_runners=-1"],
@@ -202,10 +204,12 @@ def test_trial_resources_and_the_concurrency_report(overrides, cpus, line, tmp_p
 @pytest.mark.parametrize("overrides", [
     ["+algorithm.config.rollout_fragment_length=auto", "+algorithm.config.grad_clip=0.5",
      "algorithm.config.num_epochs=null", "+algorithm.config.use_kl_loss=false"],
-    ["algorithm.config.lr=[[0,0.001],[1000,0.0001]]", "mutations.start=config"],
+    ["+algorithm.config.entropy_coeff=[[0,0.01],[1000,0.0]]", "mutations.start=config"],
+    ["+algorithm.config.merge_env_runner_states=true", "+algorithm.config.explore=null"],
 ])
 def test_values_of_the_kinds_rllib_takes_pass(overrides, tmp_path):
-    """Counts take ``auto`` or null, a null default takes a number, lr takes a schedule."""
+    """Counts take ``auto`` or null, a null default takes a number, entropy_coeff a schedule,
+    a string key true (RLlib's ``merge_env_runner_states``)."""
     from rl_pbt.cluster import trial_resources
 
     assert trial_resources(plan_for(overrides, tmp_path)).cpus == 1
@@ -217,13 +221,13 @@ def test_rllibs_own_checks_fail_as_a_config_error(tmp_path):
     from rl_pbt.cluster import trial_resources
     from rl_pbt.errors import ConfigError
 
-    plan = plan_for(["algorithm.config.lr=[[5,0.001],[1000,0.0001]]", "mutations.start=config"],
-                    tmp_path)
+    plan = plan_for(["+algorithm.config.entropy_coeff=[[5,0.01],[1000,0.0]]",
+                     "mutations.start=config"], tmp_path)
     with pytest.raises(ConfigError) as caught:
         trial_resources(plan)
     assert str(caught.value).startswith(
-        "algorithm.config: RLlib rejects it: When providing a `lr` schedule, the first timestep "
-        "must be 0")
+        "algorithm.config: RLlib rejects the first trial's config: When providing a "
+        "`entropy_coeff` schedule, the first timestep must be 0")
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "true", "'2'", "1.5"])
