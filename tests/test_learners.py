@@ -197,3 +197,18 @@ def test_a_seeded_trial_starts_without_torchs_compiler(ray_session, tmp_path):
 
     imported, deterministic, learned = ray.get(train_save_restore.remote(str(tmp_path / "c")))
     assert (imported, deterministic, learned) == (False, True, True)
+
+
+def test_a_compiled_learner_steps_with_torchs_adam(ray_session):
+    """RLlib's compiled update needs the graph breaks of torch's optimizer wrappers, which
+    EagerAdam skips: with ``torch_compile_learner`` the learner takes torch's own Adam."""
+    from rl_pbt.optimizers import EagerAdam
+
+    config = {"env": "CartPole-v1", "num_env_runners": 0, "num_envs_per_env_runner": 2,
+              "train_batch_size_per_learner": 200, "minibatch_size": 100, "num_epochs": 1,
+              "_model_config": {"fcnet_hiddens": [8]}}
+    trainable = pbt_trainable("ray.rllib.algorithms.ppo.PPO")
+    for compiled, expected in ((False, EagerAdam), (True, torch.optim.Adam)):
+        algo = trainable(config={**config, "torch_compile_learner": compiled})
+        assert [type(o) for o in _optimizers(algo)] == [expected]
+        algo.stop()
