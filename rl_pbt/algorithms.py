@@ -17,6 +17,7 @@ from functools import cache
 from typing import Any
 
 from rl_pbt.errors import ConfigError
+from rl_pbt.values import is_numeric
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def check_values(config: Mapping[str, Any], config_class: str, where: str) -> No
 
 def _expected_kind(key: str, default: Any, value: Any) -> str | None:
     """What ``value`` (not null) should be, given RLlib's default for ``key``; None if it is."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    number = is_numeric(value)
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "true or false"
     if isinstance(default, (int, float)):
@@ -169,11 +170,8 @@ def _expected_kind(key: str, default: Any, value: Any) -> str | None:
 
 def _is_schedule(value: Any) -> bool:
     """Two or more ``[timestep, value]`` pairs of numbers (RLlib checks the first is at 0)."""
-    def is_number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-
     return isinstance(value, (list, tuple)) and len(value) >= 2 and all(
-        isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(is_number, pair))
+        isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(is_numeric, pair))
         for pair in value)
 
 

@@ -30,7 +30,7 @@ from rl_pbt.envs import make_from_entry_point
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import EnvSpec, Plan, Resources, StopRule, Tracking
 from rl_pbt.scheduler_options import DRAW_ONCE, is_number, resolve_scheduler
-from rl_pbt.values import first_line, is_count
+from rl_pbt.values import first_line, is_count, is_numeric
 
 GROUPS = ("env", "algorithm", "mutations", "scheduler", "stopper", "resources", "tracking")
 #: ``azureml`` is MLflow on an AzureML job's workspace (URI from the job's environment).
@@ -151,7 +151,7 @@ def resolve_env(env: Mapping[str, Any]) -> EnvSpec:
     env_config = dict(env.get("env_config") or {})
     entry_point = env.get("entry_point")
     target = env.get("target_return")
-    if not isinstance(target, (int, float)) or isinstance(target, bool):
+    if not is_numeric(target):
         raise ConfigError(f"env.target_return: must be a number, got {target!r}")
     instance = _make_env(env["id"], entry_point, env_config)
     try:

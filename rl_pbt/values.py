@@ -6,9 +6,15 @@ import math
 from typing import Any
 
 
+def is_numeric(value: Any) -> bool:
+    """Whether the value is an int or a float, NaN and inf included (a bool is not one;
+    :func:`finite` also rules out NaN and inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def finite(value: Any) -> float | None:
     """The value as a float when it is a finite number (not bool, NaN or inf), else None."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    if is_numeric(value) and math.isfinite(value):
         return float(value)
     return None
 
