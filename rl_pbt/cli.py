@@ -147,7 +147,8 @@ def check_override_keys(argv: list[str]) -> None:
 
 
 def check_sweep_jobs(argv: list[str]) -> None:
-    """In a multirun, compose and resolve every job's config before the first job trains.
+    """In a multirun's first job, compose and resolve every later job's config before the
+    first job trains (the first job resolves its own right after).
 
     Hydra composes a job's config only when the job starts, so a bad value in a later job of
     the grid (``-m algorithm.config.gamma=0.99,abc``) failed after the jobs before it had
@@ -181,7 +182,7 @@ def check_sweep_jobs(argv: list[str]) -> None:
     hydra = (nullcontext() if GlobalHydra.instance().is_initialized()
              else initialize_config_dir(str(CONF_DIR), version_base="1.3"))
     with hydra, tempfile.TemporaryDirectory(prefix="rl_pbt_sweep_check_") as tmp:
-        for number, job in enumerate(jobs):
+        for number, job in enumerate(jobs[1:], 1):  # job 0 is this job: run() resolves it
             try:
                 cfg = compose("config", overrides=job)
             except Exception:  # Hydra's composition error: the job reports it
