@@ -33,6 +33,10 @@ NOISE = {
     # RLlib's own checkpoints pass the deprecated argument when a module is restored from them.
     "ray._common.deprecation": _Drop(
         "`RLModule(config=[RLModuleConfig object])` has been deprecated"),
+    # At every start of a local Ray since Ray 2.5x: a safer default is on (token auth, with a
+    # token it wrote to ~/.ray). Its opposite, "Token authentication is disabled", still shows.
+    "ray._private.authentication.authentication_token_setup": _Drop(
+        "Token authentication is enabled for this Ray cluster"),
 }
 
 

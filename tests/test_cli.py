@@ -111,8 +111,9 @@ def test_cfg_job_shows_the_guides_setup(tmp_path):
 
 
 def test_known_noise_is_dropped_and_other_warnings_pass():
-    """RLlib's new-API-stack notice, PBT's 20 KB "Cannot find metric" dump and RLlib's notice
-    about its own checkpoints are dropped; any other warning of the same loggers still shows."""
+    """RLlib's new-API-stack notice, PBT's 20 KB "Cannot find metric" dump, RLlib's notice
+    about its own checkpoints and Ray's "token authentication is enabled" are dropped; any
+    other warning of the same loggers still shows."""
     import logging
 
     from rl_pbt.noise import quiet_known_noise
@@ -124,20 +125,24 @@ def test_known_noise_is_dropped_and_other_warnings_pass():
     handler.emit = lambda record: shown.append(record.getMessage())  # type: ignore[method-assign]
     loggers = [logging.getLogger("ray.tune.schedulers.pbt"),
                logging.getLogger("ray.rllib.algorithms.algorithm_config"),
-               logging.getLogger("ray._common.deprecation")]
+               logging.getLogger("ray._common.deprecation"),
+               logging.getLogger("ray._private.authentication.authentication_token_setup")]
     for logger in loggers:
         assert len(logger.filters) == 1
         logger.addHandler(handler)  # Ray's loggers do not propagate to pytest's handler
     try:
-        pbt, config, deprecation = loggers
+        pbt, config, deprecation, token = loggers
         pbt.warning("Cannot find metric env_runners/episode_return_mean in trial result {...}")
         config.warning("You are running PPO on the new API stack! This is the new default ...")
         deprecation.warning("DeprecationWarning: `RLModule(config=[RLModuleConfig object])` "
                             "has been deprecated. Use ...")
+        token.warning("Token authentication is enabled for this Ray cluster. Set ...")
+        token.warning("Token authentication is disabled for this Ray cluster. Anyone ...")
         pbt.warning("another PBT warning")
         config.warning("another config warning")
         deprecation.warning("another deprecation")
     finally:
         for logger in loggers:
             logger.removeHandler(handler)
-    assert shown == ["another PBT warning", "another config warning", "another deprecation"]
+    assert shown == ["Token authentication is disabled for this Ray cluster. Anyone ...",
+                     "another PBT warning", "another config warning", "another deprecation"]
