@@ -37,6 +37,9 @@ NOISE = {
     # token it wrote to ~/.ray). Its opposite, "Token authentication is disabled", still shows.
     "ray._private.authentication.authentication_token_setup": _Drop(
         "Token authentication is enabled for this Ray cluster"),
+    # After a Ctrl-C: Tune's way back (``Tuner.restore(path=..., trainable=...)``) would lose
+    # rl_pbt's records and tracking; rl_pbt's next line gives the command that keeps them.
+    "ray.tune.tune": _Drop("Resume experiment with: Tuner.restore"),
 }
 
 

@@ -110,10 +110,32 @@ def test_cfg_job_shows_the_guides_setup(tmp_path):
         assert text in proc.stdout, text
 
 
+#: (logger, a message rl_pbt drops, another message of that logger that still shows)
+KNOWN_NOISE = [
+    ("ray.tune.schedulers.pbt",
+     "Cannot find metric env_runners/episode_return_mean in trial result {...}",
+     "another PBT warning"),
+    ("ray.rllib.algorithms.algorithm_config",
+     "You are running PPO on the new API stack! This is the new default ...",
+     "another config warning"),
+    ("ray._common.deprecation",
+     "DeprecationWarning: `RLModule(config=[RLModuleConfig object])` has been deprecated.",
+     "another deprecation"),
+    ("ray._private.authentication.authentication_token_setup",
+     "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled ...",
+     "Token authentication is disabled for this Ray cluster. Anyone with network access ..."),
+    ("ray.tune.tune",
+     "Experiment has been interrupted, but the most recent state was saved.\n"
+     "Resume experiment with: Tuner.restore(path=\"/x/tune\", trainable=...)",
+     "Total run time: 3.00 seconds (2.50 seconds for the tuning loop)."),
+]
+
+
 def test_known_noise_is_dropped_and_other_warnings_pass():
     """RLlib's new-API-stack notice, PBT's 20 KB "Cannot find metric" dump, RLlib's notice
-    about its own checkpoints and Ray's "token authentication is enabled" are dropped; any
-    other warning of the same loggers still shows."""
+    about its own checkpoints, Ray's "token authentication is enabled" and Tune's
+    "Tuner.restore(...)" hint after a Ctrl-C are dropped; any other warning of the same loggers
+    still shows."""
     import logging
 
     from rl_pbt.noise import quiet_known_noise
@@ -123,26 +145,13 @@ def test_known_noise_is_dropped_and_other_warnings_pass():
     shown: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: shown.append(record.getMessage())  # type: ignore[method-assign]
-    loggers = [logging.getLogger("ray.tune.schedulers.pbt"),
-               logging.getLogger("ray.rllib.algorithms.algorithm_config"),
-               logging.getLogger("ray._common.deprecation"),
-               logging.getLogger("ray._private.authentication.authentication_token_setup")]
-    for logger in loggers:
+    for name, dropped, kept in KNOWN_NOISE:
+        logger = logging.getLogger(name)
         assert len(logger.filters) == 1
         logger.addHandler(handler)  # Ray's loggers do not propagate to pytest's handler
-    try:
-        pbt, config, deprecation, token = loggers
-        pbt.warning("Cannot find metric env_runners/episode_return_mean in trial result {...}")
-        config.warning("You are running PPO on the new API stack! This is the new default ...")
-        deprecation.warning("DeprecationWarning: `RLModule(config=[RLModuleConfig object])` "
-                            "has been deprecated. Use ...")
-        token.warning("Token authentication is enabled for this Ray cluster. Set ...")
-        token.warning("Token authentication is disabled for this Ray cluster. Anyone ...")
-        pbt.warning("another PBT warning")
-        config.warning("another config warning")
-        deprecation.warning("another deprecation")
-    finally:
-        for logger in loggers:
+        try:
+            logger.warning(dropped)
+            logger.warning(kept)
+        finally:
             logger.removeHandler(handler)
-    assert shown == ["Token authentication is disabled for this Ray cluster. Anyone ...",
-                     "another PBT warning", "another config warning", "another deprecation"]
+    assert shown == [kept for _, _, kept in KNOWN_NOISE]
