@@ -108,6 +108,8 @@ def check_group_options(argv: list[str]) -> None:
                 ))
 
 
+#: Mappings whose keys go on to RLlib or the env as they are: the YAML lists only some of them.
+OPEN_MAPPINGS = {("algorithm", "config"), ("env", "env_config")}
 _KEY_OVERRIDE = re.compile(r"^(?P<path>[A-Za-z_][\w-]*(?:\.[\w-]+)*)=")
 #: Flags that load another primary config: keys are then not conf/config.yaml's.
 _OTHER_CONFIG = ("--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp")
@@ -143,7 +145,8 @@ def check_override_keys(argv: list[str]) -> None:
         trees = {option: _option_tree(group, option) for option in options}
         for option, tree in trees.items():
             others = [o for o, t in trees.items() if o != option and _has(t, path[1:])]
-            _check_key(tree, path[1:], f"{group}={option}", group, others)
+            _check_key(tree, path[1:], f"{group}={option}", group, others,
+                       added=arg if tuple(path[:2]) in OPEN_MAPPINGS else None)
 
 
 def check_sweep_jobs(argv: list[str]) -> None:
@@ -202,8 +205,12 @@ def _has(tree: Any, keys: list[str]) -> bool:
 
 
 def _check_key(tree: Any, keys: list[str], where: str, group: str | None = None,
-               swept_with_it: Sequence[str] = ()) -> None:
-    """Fail when ``keys`` (below ``group``, if any) meet a key missing from ``tree``."""
+               swept_with_it: Sequence[str] = (), added: str | None = None) -> None:
+    """Fail when ``keys`` (below ``group``, if any) meet a key missing from ``tree``.
+
+    ``added``: the override, when it sets a key inside one of :data:`OPEN_MAPPINGS`; Hydra adds
+    a key the YAML lacks only with ``+``, and the error says so (rl_pbt then checks the key
+    against the algorithm's config)."""
     for depth, key in enumerate(keys):
         if not isinstance(tree, dict):
             return  # a value Hydra will judge (a list, null, a scalar), or an unread option
@@ -218,7 +225,8 @@ def _check_key(tree: Any, keys: list[str], where: str, group: str | None = None,
                         f"{where} separately without it")
             else:
                 hint = f"it has {', '.join(known) or 'no keys'}"
-            fail(ConfigError(f"{name}: no such key in {where}; {hint}"))
+            adding = f" (a key it lacks is added with +{added})" if added and depth else ""
+            fail(ConfigError(f"{name}: no such key in {where}{adding}; {hint}"))
         tree = tree[key]
 
 

@@ -30,6 +30,12 @@ BAD_INPUT = [
     (["-m", "scheduler=pbt,random", "scheduler.perturbation_interval=2"],
      "no such key in scheduler=random; scheduler=pbt has it: sweep scheduler=random separately"),
     (["algorithm.config.gamma=abc"], "algorithm.config.gamma: must be a number, got 'abc'"),
+    # A key RLlib takes that the YAML does not list: Hydra adds it only with '+'.
+    (["algorithm.config.torch_compile_learner=true"], "algorithm.config.torch_compile_learner: "
+     "no such key in algorithm=ppo (a key it lacks is added with "
+     "+algorithm.config.torch_compile_learner=true); did you mean"),
+    (["env.env_config.size=3"], "env.env_config.size: no such key in env=cartpole (a key it "
+     "lacks is added with +env.env_config.size=3); it has no keys"),
     # A later job of a sweep: every job is checked before the first trains.
     (["-m", "algorithm.config.gamma=0.99,abc", "stopper.max_iterations=2"],
      "job 1 (algorithm.config.gamma=abc stopper.max_iterations=2): algorithm.config.gamma: "
