@@ -201,7 +201,8 @@ def test_a_seeded_trial_starts_without_torchs_compiler(ray_session, tmp_path):
 
 def test_a_compiled_learner_steps_with_torchs_adam(ray_session):
     """RLlib's compiled update needs the graph breaks of torch's optimizer wrappers, which
-    EagerAdam skips: with ``torch_compile_learner`` the learner takes torch's own Adam."""
+    EagerAdam skips: with ``torch_compile_learner`` the learner takes torch's own Adam, runs
+    RLlib's update (not the lean one) and learns."""
     from rl_pbt.optimizers import EagerAdam
 
     config = {"env": "CartPole-v1", "num_env_runners": 0, "num_envs_per_env_runner": 2,
@@ -211,4 +212,8 @@ def test_a_compiled_learner_steps_with_torchs_adam(ray_session):
     for compiled, expected in ((False, EagerAdam), (True, torch.optim.Adam)):
         algo = trainable(config={**config, "torch_compile_learner": compiled})
         assert [type(o) for o in _optimizers(algo)] == [expected]
+        if compiled:
+            probe = algo.train()["rl_pbt"]
+            assert probe["lean_update"] is False
+            assert probe["digest_start"] != probe["digest_end"]
         algo.stop()
