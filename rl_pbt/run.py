@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shlex
 import sys
 import threading
 import time
@@ -176,6 +177,9 @@ def _execute(
     print(format_summary(summary), flush=True)
     if report:
         print(f"report       {report.markdown}", flush=True)
+    if summary.get("best"):
+        print(f"evaluate     python -m rl_pbt.evaluate {shlex.quote(str(plan.output_dir))} "
+              "episodes=20", flush=True)
     return summary
 
 

@@ -32,6 +32,7 @@ def test_default_run_ends_with_an_actionable_summary(tmp_path):
     [summary_file] = list((tmp_path / "outputs").glob("*/*/summary.json"))
     summary = json.loads(summary_file.read_text())
     assert summary["best"]["checkpoint"]
+    assert f"python -m rl_pbt.evaluate {summary_file.parent} episodes=20" in out
     client = _client(tmp_path)
     parent = client.get_run(summary["tracking"]["parent_run_id"])
     assert parent.info.status == "FINISHED"
