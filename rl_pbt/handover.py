@@ -12,6 +12,12 @@ the exploited trial's restore:
   registering; the clone's next save reuses its number and writes over it, and the exploited
   trial restored the clone's later state (iteration 4 instead of 2).
 
+And one way before the exploit: PBT saves a top trial at its own perturbation time and clones
+that save when a bottom trial reaches *its* perturbation time. A clone that saves often
+(``checkpoint.frequency=1``) and runs ahead had pruned it by then: the copy failed and took the
+whole experiment down (3 runs of 3, found by probing the CLI). The clone's newest checkpoint is
+handed over instead, as PBT itself does for a paused clone, and its iteration is recorded.
+
 A copy made at the exploit (the save has resolved by then; an RLlib checkpoint of the default
 network is about 0.2 MB) belongs to the exploited trial alone: nothing prunes or reuses it.
 """
@@ -19,7 +25,7 @@ network is about 0.2 MB) belongs to the exploited trial alone: nothing prunes or
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow.fs
 from ray.tune import Checkpoint
@@ -32,13 +38,23 @@ HANDOVER = re.compile(r"exploit_(\d{6})")
 KEPT_HANDOVERS = 2
 
 
-def hand_over_checkpoint(trial: Any) -> str:
-    """Copy the checkpoint PBT just gave ``trial`` into ``trial``'s folder and point it there.
+class Handover(NamedTuple):
+    """A hand-over's copy, and the clone's iteration it holds when PBT's pick was pruned."""
 
-    Returns the copy's path. Older copies beyond :data:`KEPT_HANDOVERS` are deleted.
+    path: str
+    newer_iteration: int | None = None
+
+
+def hand_over_checkpoint(trial: Any, clone: Any = None) -> Handover:
+    """Copy the checkpoint PBT just gave ``trial`` into ``trial``'s folder and point it there;
+    when Tune has pruned it, ``clone``'s newest checkpoint. Older copies beyond
+    :data:`KEPT_HANDOVERS` are deleted.
     """
     handed = trial.run_metadata.checkpoint_manager._latest_checkpoint_result
     source: Checkpoint = handed.checkpoint
+    newer = clone.latest_checkpoint_result if clone is not None and not _exists(source) else None
+    if newer is not None and newer.checkpoint is not None:
+        source, handed.metrics = newer.checkpoint, newer.metrics
     filesystem = trial.storage.storage_filesystem
     trial_dir = trial.storage.trial_fs_path
     earlier = _handovers(filesystem, trial_dir)
@@ -50,7 +66,13 @@ def hand_over_checkpoint(trial: Any) -> str:
     handed.checkpoint = Checkpoint(destination, filesystem=filesystem)
     for _, stale in earlier[: max(0, len(earlier) + 1 - KEPT_HANDOVERS)]:
         filesystem.delete_dir(stale)
-    return destination
+    iteration = newer.metrics.get("training_iteration") if newer is not None else None
+    return Handover(destination, None if iteration is None else int(iteration))
+
+
+def _exists(checkpoint: Checkpoint) -> bool:
+    info = checkpoint.filesystem.get_file_info(checkpoint.path)
+    return info.type != pyarrow.fs.FileType.NotFound
 
 
 def _handovers(filesystem: pyarrow.fs.FileSystem, trial_dir: str) -> list[tuple[int, str]]:

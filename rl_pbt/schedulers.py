@@ -91,7 +91,9 @@ class RecordingExploits(ExploitListeners):
             _drop_stale_stop(tune_controller, trial)
         if running and trial.status == Trial.PAUSED and not getattr(self, "_synch", False):
             self._call_off_hand_overs(tune_controller)
-        hand_over_checkpoint(trial)
+        handover = hand_over_checkpoint(trial, trial_to_clone)
+        if handover.newer_iteration is not None:  # PBT's pick was pruned (rl_pbt.handover)
+            source_iteration = handover.newer_iteration
         self.report(ExploitEvent(
             trial_id=trial.trial_id,
             source_id=trial_to_clone.trial_id,

@@ -92,7 +92,7 @@ def test_hand_over_copies_into_the_trial_and_keeps_the_last_two(tmp_path):
     for turn in range(3):
         (source / "learner" / "state.pkl").write_bytes(f"weights-{turn}".encode())
         trial = fake_trial(tmp_path, "PPO_a", source)
-        copies.append(Path(hand_over_checkpoint(trial)))
+        copies.append(Path(hand_over_checkpoint(trial).path))
         latest = trial.run_metadata.checkpoint_manager._latest_checkpoint_result
         assert latest.checkpoint.path == str(copies[-1]) and latest.metrics == {"it": 2}
     assert [p.name for p in copies] == ["exploit_000000", "exploit_000001", "exploit_000002"]
@@ -100,3 +100,24 @@ def test_hand_over_copies_into_the_trial_and_keeps_the_last_two(tmp_path):
     assert (copies[2] / "learner" / "state.pkl").read_bytes() == b"weights-2"
     assert (copies[1] / "learner" / "state.pkl").read_bytes() == b"weights-1"
     assert not copies[0].exists()
+
+
+def test_a_pruned_pick_hands_over_the_clones_newest_checkpoint(tmp_path):
+    newest = tmp_path / "PPO_b" / "checkpoint_000009"
+    newest.mkdir(parents=True)
+    (newest / "state.pkl").write_bytes(b"newest")
+    (tmp_path / "PPO_a").mkdir()
+    trial = fake_trial(tmp_path, "PPO_a", tmp_path / "PPO_b" / "checkpoint_000004")  # pruned
+    local = pyarrow.fs.LocalFileSystem()
+    clone = NS(latest_checkpoint_result=NS(checkpoint=Checkpoint(str(newest), filesystem=local),
+                                           metrics={"training_iteration": 7}))
+    handover = hand_over_checkpoint(trial, clone)
+    assert handover.newer_iteration == 7
+    assert (Path(handover.path) / "state.pkl").read_bytes() == b"newest"
+    latest = trial.run_metadata.checkpoint_manager._latest_checkpoint_result
+    assert latest.checkpoint.path == handover.path and latest.metrics["training_iteration"] == 7
+    source = tmp_path / "PPO_b" / "checkpoint_000004"  # PBT's pick, still there: it is used
+    source.mkdir()
+    (source / "state.pkl").write_bytes(b"picked")
+    assert hand_over_checkpoint(fake_trial(tmp_path, "PPO_a", source), clone).newer_iteration \
+        is None
