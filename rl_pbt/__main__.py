@@ -15,6 +15,7 @@ from rl_pbt.cli import (
     CONF_DIR,
     check_group_options,
     check_override_keys,
+    check_run_dir_argument,
     check_sweep_jobs,
     discard_empty_output_dir,
     fail,
@@ -77,5 +78,6 @@ def exit_without_teardown() -> NoReturn:
 if __name__ == "__main__":
     check_group_options(sys.argv[1:])
     check_override_keys(sys.argv[1:])
+    check_run_dir_argument(sys.argv[1:])
     main()
     exit_without_teardown()

@@ -12,6 +12,8 @@ from typing import Any, NoReturn
 from rl_pbt.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: A run's record of its config, seed and tracking ids: the mark of an rl_pbt run folder.
+RUN_INFO = "run.json"
 _SIMPLE_CHOICE = re.compile(r"^[+~]?(?P<group>[A-Za-z_]+)=(?P<options>[\w.,-]*)$")
 
 
@@ -81,6 +83,27 @@ def _discard_empty_parents(folder: Path, top_name: str) -> None:
     for parent in (date, top):
         if parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
+
+
+def check_new_run_dir(folder: Path) -> None:
+    """Refuse to start a new run in a folder that holds one (``hydra.run.dir`` pointing at an
+    old run, or two runs started in the same second): its records would merge with the old
+    run's and its summary would report the old run's trials as its own."""
+    if (folder / RUN_INFO).is_file():
+        raise ConfigError(f"hydra.run.dir: {folder} already holds a run ({RUN_INFO}); pick a "
+                          f"new folder, or resume={folder} to continue that run")
+
+
+def check_run_dir_argument(argv: list[str]) -> None:
+    """:func:`check_new_run_dir` for ``hydra.run.dir=FOLDER`` on the command line, before
+    Hydra writes its ``.hydra/`` over the old run's (a resume names its folder on purpose)."""
+    given = dict(a.split("=", 1) for a in argv if a.startswith(("hydra.run.dir=", "resume=")))
+    sweep = {"-m", "--multirun"} & set(argv)
+    if given.get("hydra.run.dir") and not given.get("resume") and not sweep:
+        try:
+            check_new_run_dir(Path(given["hydra.run.dir"]).expanduser())
+        except ConfigError as err:
+            fail(err)
 
 
 def group_options(group: str) -> list[str]:

@@ -132,10 +132,10 @@ def _one_of(plain: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> str
     return value
 
 
-def _flag(plain: Mapping[str, Any], key: str) -> bool:
+def _flag(plain: Mapping[str, Any], key: str, prefix: str = "") -> bool:
     value = plain.get(key, False)
     if not isinstance(value, bool):
-        raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        raise ConfigError(f"{prefix}{key}: must be true or false, got {value!r}")
     return value
 
 
@@ -289,7 +289,7 @@ def resolve_stop(plain: Mapping[str, Any], env: EnvSpec) -> StopRule:
         target_return=target,
         max_env_steps=stop.get("max_env_steps"),
         max_seconds=stop.get("max_seconds"),
-        stop_all_at_target=bool(stop.get("stop_all_at_target", False)),
+        stop_all_at_target=_flag(stop, "stop_all_at_target", "stopper."),
     )
 
 

@@ -24,11 +24,10 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from rl_pbt.analysis.lineage import RunRecords
+from rl_pbt.cli import RUN_INFO
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import Plan, Tracking
 from rl_pbt.records import read_json, write_json
-
-RUN_INFO = "run.json"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from rl_pbt import cluster, envs
 from rl_pbt import resume as resuming
 from rl_pbt.algorithms import import_object
-from rl_pbt.cli import discard_empty_output_dir
+from rl_pbt.cli import RUN_INFO, check_new_run_dir, discard_empty_output_dir
 from rl_pbt.cluster import environ_default
 from rl_pbt.errors import ConfigError, Interrupted
 from rl_pbt.noise import quiet_known_noise
@@ -30,7 +30,7 @@ from rl_pbt.plan import Plan
 from rl_pbt.progress import ProgressPrinter
 from rl_pbt.records import EXPLOITS_FILE, RunRecorder, read_jsonl, write_json
 from rl_pbt.resolve import resolve
-from rl_pbt.resume import RUN_INFO, CtrlC, Repeats, ResumePoint
+from rl_pbt.resume import CtrlC, Repeats, ResumePoint
 from rl_pbt.schedulers import Scheduler, build_scheduler
 from rl_pbt.stopping import PlanStopper
 from rl_pbt.summary import (
@@ -63,8 +63,11 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
         output_dir: where everything is written; default: Hydra's output folder.
     """
     info = hydra_info(output_dir)
+    if cfg.get("resume") == "":
+        raise ConfigError("resume: no folder given; resume=RUN_DIR continues the run in RUN_DIR")
     if cfg.get("resume"):
         return resume(Path(str(cfg.resume)), info)
+    check_new_run_dir(info["output_dir"])
     plan = replace(resolve(cfg, info["output_dir"], info["choices"]), command=info["command"])
     return execute(plan, info["tags"])
 

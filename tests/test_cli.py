@@ -30,6 +30,9 @@ BAD_INPUT = [
     (["-m", "scheduler=pbt,random", "scheduler.perturbation_interval=2"],
      "no such key in scheduler=random; scheduler=pbt has it: sweep scheduler=random separately"),
     (["algorithm.config.gamma=abc"], "algorithm.config.gamma: must be a number, got 'abc'"),
+    (["stopper.stop_all_at_target=maybe"],
+     "stopper.stop_all_at_target: must be true or false, got 'maybe'"),
+    (["resume="], "resume: no folder given; resume=RUN_DIR continues the run in RUN_DIR"),
     # A key RLlib takes that the YAML does not list: Hydra adds it only with '+'.
     (["algorithm.config.torch_compile_learner=true"], "algorithm.config.torch_compile_learner: "
      "no such key in algorithm=ppo (a key it lacks is added with "
@@ -84,6 +87,18 @@ def test_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "outputs").exists()
     assert not (tmp_path / "multirun").exists()
+
+
+def test_a_new_run_in_an_old_run_folder_is_refused_before_hydra_writes(tmp_path):
+    """hydra.run.dir at a finished run merged the two runs' records, and the summary reported
+    the old run's trials as the new run's; Hydra also wrote its .hydra/ over the old one's."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "run.json").write_text("{}")
+    proc = run_cli([f"hydra.run.dir={old}", "population=2"], cwd=tmp_path, timeout=120)
+    _assert_one_line_error(proc, f"hydra.run.dir: {old} already holds a run (run.json); pick a "
+                                 f"new folder, or resume={old} to continue that run")
+    assert sorted(p.name for p in old.iterdir()) == ["run.json"]
 
 
 @pytest.mark.parametrize("args", GOOD_OVERRIDES)
