@@ -23,11 +23,20 @@ def fail(err: ConfigError, exit_with: Callable[[int], NoReturn] = sys.exit) -> N
     exit_with(2)
 
 
+#: What a reader of :func:`parse_path_and_options` accepts, for its error; another reader says
+#: it in its docstring's first line.
+_KINDS: dict[Callable[[str], Any], str] = {int: "an integer", float: "a number", str: "text"}
+_OPTION = re.compile(r"^[A-Za-z_]\w*=")
+
+
 def parse_path_and_options(
     args: list[str], readers: dict[str, Callable[[str], Any]], defaults: dict[str, Any],
     usage: str,
 ) -> tuple[Path, dict[str, Any]]:
     """``PATH key=value ...``, as the commands that work on a run folder take them.
+
+    An argument is an option when it starts with a name and ``=`` and is not an existing path:
+    Tune's trial folders have ``=`` in their names (``..._lr=0.0002,.../checkpoint_000004``).
 
     Args:
         args: the command line after the program name.
@@ -35,18 +44,20 @@ def parse_path_and_options(
         defaults: option name -> value when the option is not given.
         usage: the line shown when the path is missing or doubled.
     """
-    paths = [a for a in args if "=" not in a]
+    given = [a for a in args if _OPTION.match(a) and not Path(a).exists()]
+    paths = [a for a in args if a not in given]
     if len(paths) != 1:
         raise ConfigError(f"usage: {usage}")
     options = dict(defaults)
-    for arg in (a for a in args if "=" in a):
+    for arg in given:
         key, _, value = arg.partition("=")
         if key not in readers:
             raise ConfigError(f"{key}: unknown option; choose from {', '.join(readers)}")
         try:
             options[key] = readers[key](value)
         except ValueError:
-            raise ConfigError(f"{key}: cannot read {value!r}") from None
+            kind = _KINDS.get(readers[key]) or (readers[key].__doc__ or "").split("\n")[0]
+            raise ConfigError(f"{key}: cannot read {value!r}; give {kind}") from None
     return Path(paths[0]), options
 
 

@@ -22,6 +22,7 @@ from rl_pbt.values import first_line
 
 MODULE_PATH = Path("learner_group", "learner", "rl_module", "default_policy")
 def _flag(text: str) -> bool:
+    """true or false (also yes/no, 1/0)"""
     if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
         raise ValueError(text)
     return text.lower() in ("true", "1", "yes")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 from conftest import TINY, compose_config
 from mlflow.tracking import MlflowClient
 
 from rl_pbt import evaluate, replay
+from rl_pbt.errors import ConfigError
 from rl_pbt.resolve import resolve
 from rl_pbt.run import execute
 
@@ -114,3 +116,18 @@ def test_missing_or_corrupt_checkpoint_is_one_clear_error(tmp_path, capsys):
             evaluate.main(args)
         assert stop.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_checkpoint_path_with_equals_signs_is_the_path(tmp_path, monkeypatch):
+    """Every Tune trial folder has '=' in its name: such a path is not an option."""
+    checkpoint = tmp_path / "PPO_CartPole-v1_0_clip_param=0.2,lr=0.0002_2026" / "checkpoint_000004"
+    checkpoint.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    relative = str(checkpoint.relative_to(tmp_path))
+    for path in (str(checkpoint), relative):
+        assert evaluate.parse_options([path, "episodes=3"]) == (
+            Path(path), {"episodes": 3, "video": False, "seed": 0, "env": None})
+    for args, message in ((["x", "video=maybe"], "video: cannot read 'maybe'; give true or false"),
+                          (["x", "episodes=abc"], "episodes: cannot read 'abc'; give an integer")):
+        with pytest.raises(ConfigError, match=message):
+            evaluate.parse_options(args)
