@@ -100,6 +100,27 @@ def load_module(checkpoint: Path) -> Any:
         raise ConfigError(f"{checkpoint}: cannot load the checkpoint ({first_line(err)})") from None
 
 
+def _check_spaces(module: Any, env: Any, env_id: str) -> None:
+    """An env whose observations or actions differ from the module's failed deep in torch
+    (``mat1 and mat2 shapes cannot be multiplied``): say which env and which spaces."""
+    for kind in ("observation", "action"):
+        trained = getattr(module, f"{kind}_space", None)
+        given = getattr(env, f"{kind}_space", None)
+        if trained is not None and given is not None and (
+                type(trained) is not type(given) or trained.shape != given.shape
+                or getattr(trained, "n", None) != getattr(given, "n", None)):
+            env.close()
+            raise ConfigError(f"env={env_id}: its {kind}s ({_space(given)}) do not fit the "
+                              f"checkpoint's module, trained on {_space(trained)}")
+
+
+def _space(space: Any) -> str:
+    """A space in short: a Box by its shape (its bounds can fill a line)."""
+    shape = getattr(space, "shape", None)
+    return f"{type(space).__name__} of shape {shape}" if type(space).__name__ == "Box" \
+        else str(space)
+
+
 def play(module: Any, env: Any, episodes: int, seed: int, frames: list | None) -> list[dict]:
     """Play episodes with the deterministic action; collect frames of the first if asked."""
     import torch
@@ -150,6 +171,7 @@ def evaluate(target: Target, episodes: int, video: bool, seed: int) -> dict[str,
     except Exception as err:  # unknown id, missing extras (pygame for video), bad env_config
         raise ConfigError(f"env: cannot build {target.env_id} for evaluation: "
                           f"{first_line(err)}") from None
+    _check_spaces(module, env, target.env_id)
     frames: list | None = [] if video else None
     try:
         episodes_out = play(module, env, episodes, seed, frames)
@@ -179,13 +201,24 @@ def log_to_mlflow(target: Target, result: dict[str, Any], out_dir: Path) -> str 
         return None
     from mlflow.tracking import MlflowClient
 
+    from rl_pbt.plan import Tracking
+    from rl_pbt.tracking import check_reachable
+
+    try:
+        check_reachable(Tracking("mlflow", tracking["tracking_uri"], None),
+                        hint="start the server and evaluate again")
+    except ConfigError as err:  # the evaluation stands; only its copy in MLflow is missing
+        result["mlflow_error"] = str(err)
+        return None
     client = MlflowClient(tracking["tracking_uri"])
     run = client.create_run(tracking["experiment_id"], tags={
         "mlflow.parentRunId": tracking["parent_run_id"], "mlflow.runName": "evaluate",
         "rl_pbt.checkpoint": str(target.checkpoint)})
     for key in ("return_mean", "return_std", "length_mean", "length_std"):
         client.log_metric(run.info.run_id, key, float(result[key]))
-    client.log_artifacts(run.info.run_id, str(out_dir), "evaluation")
+    for path in (out_dir / "evaluation.json", result["video"]):  # this evaluation's files only
+        if path:
+            client.log_artifact(run.info.run_id, str(path), "evaluation")
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 
@@ -204,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"checkpoint {result['checkpoint']}")
     if result["video"]:
         print(f"video      {result['video']}")
+    if result.get("mlflow_error"):
+        print(f"MLflow     not logged: {result['mlflow_error']}")
     return result
 
 

@@ -18,10 +18,11 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from rl_pbt.errors import ConfigError
 from rl_pbt.schedulers import ExploitEvent
 from rl_pbt.stopping import ENV_STEPS, result_value
 from rl_pbt.trainable import PROBE
-from rl_pbt.values import finite
+from rl_pbt.values import finite, first_line
 
 TRIALS_FILE = "trials.jsonl"
 EXPLOITS_FILE = "exploits.jsonl"
@@ -149,13 +150,48 @@ def write_json(data: Any, path: Path) -> Path:
     return path
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file of the run folder, or None when it does not exist."""
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object of the run folder (``run.json``, ``summary.json``...), or None when the
+    file does not exist. rl_pbt writes them whole (:func:`write_json`), so one that does not
+    read is damaged from outside: a ConfigError naming it, not a traceback."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: damaged, not JSON ({first_line(err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: damaged, a JSON {type(data).__name__} where rl_pbt wrote "
+                          "an object")
+    return data
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines file written by :class:`RunRecorder` (missing file: no rows)."""
+    """Read a JSON-lines file written by :class:`RunRecorder` (missing file: no rows).
+
+    A last line without its newline is a write a kill cut short: it is left out. A damaged
+    line elsewhere is a ConfigError naming the file and line.
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise ConfigError(f"{path}: line {number} is damaged, not JSON ({err.msg})") from None
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def drop_cut_last_line(path: Path) -> None:
+    """Cut a JSON-lines file after its last whole line, so that a resumed run's appends do not
+    continue a line a kill cut short (:func:`read_jsonl` leaves that line out)."""
+    data = path.read_bytes() if path.is_file() else b""
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])

@@ -35,6 +35,7 @@ def load_schedule(run_dir: Path) -> dict[str, Any]:
     from rl_pbt.analysis.report import load_info, write_report
 
     load_info(run_dir)
+    run_summary(run_dir)  # before the report is written into a run that cannot be replayed
     path = run_dir / "best_schedule.json"
     if not path.is_file():
         write_report(run_dir)

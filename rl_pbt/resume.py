@@ -27,7 +27,14 @@ from rl_pbt.analysis.lineage import RunRecords
 from rl_pbt.cli import RUN_INFO
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import Plan, Tracking
-from rl_pbt.records import read_json, write_json
+from rl_pbt.records import (
+    EXPLOITS_FILE,
+    FAILURES_FILE,
+    TRIALS_FILE,
+    drop_cut_last_line,
+    read_json,
+    write_json,
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ def load_resume(run_dir: Path) -> tuple[Any, ResumePoint]:
     if (run_dir / "summary.json").is_file():
         raise ConfigError(f"resume: the run in {run_dir} finished (summary.json); "
                           "start a new run instead")
+    for name in (TRIALS_FILE, EXPLOITS_FILE, FAILURES_FILE):
+        drop_cut_last_line(run_dir / name)
     cfg = OmegaConf.create(info["config"])
     cfg.seed = info["seed"]
     cfg.resume = None

@@ -59,8 +59,10 @@ SEND_EVERY_S = 3.0
 MAX_BATCH = 1000
 
 
-def check_reachable(tracking: Tracking, timeout: float = 5.0) -> None:
-    """Fail fast, before training, when the tracking store cannot be used."""
+def check_reachable(tracking: Tracking, timeout: float = 5.0,
+                    hint: str = "start the server, fix the URI, or use tracking=none") -> None:
+    """Fail fast, before training, when the tracking store cannot be used; ``hint`` says what
+    to do about a server that does not answer."""
     uri = tracking.tracking_uri or ""
     if uri.startswith(("http://", "https://")):
         try:
@@ -70,8 +72,7 @@ def check_reachable(tracking: Tracking, timeout: float = 5.0) -> None:
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise ConfigError(
-                f"tracking.tracking_uri: cannot reach MLflow at {uri} ({reason}); start the "
-                "server, fix the URI, or use tracking=none"
+                f"tracking.tracking_uri: cannot reach MLflow at {uri} ({reason}); {hint}"
             ) from None
     elif tracking.sqlite_file is not None:
         folder = tracking.sqlite_file.parent

@@ -51,9 +51,52 @@ def test_evaluate_the_best_agent_with_a_video(finished_run):
     assert result["checkpoint"] == summary["best"]["checkpoint"]
     gif = plan.output_dir / "evaluation" / "episode.gif"
     assert gif.read_bytes()[:6] == b"GIF89a"
-    run = MlflowClient(plan.tracking.tracking_uri).get_run(result["mlflow_run_id"])
+    client = MlflowClient(plan.tracking.tracking_uri)
+    run = client.get_run(result["mlflow_run_id"])
     assert run.data.tags["mlflow.parentRunId"] == summary["tracking"]["parent_run_id"]
     assert run.data.metrics["return_mean"] == pytest.approx(result["return_mean"])
+    logged = {a.path for a in client.list_artifacts(result["mlflow_run_id"], "evaluation")}
+    assert logged == {"evaluation/evaluation.json", "evaluation/episode.gif"}
+    again = evaluate.main([str(plan.output_dir), "episodes=1"])  # no video: no earlier GIF
+    logged = {a.path for a in client.list_artifacts(again["mlflow_run_id"], "evaluation")}
+    assert logged == {"evaluation/evaluation.json"}
+
+
+def test_evaluate_in_another_env_or_without_its_tracking_server(finished_run, tmp_path,
+                                                                 capsys):
+    """An env whose observations do not fit the module failed deep in torch; a run whose
+    MLflow server is gone failed after the evaluation was written."""
+    plan, _ = finished_run
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main([str(plan.output_dir), "env=Pendulum-v1", "episodes=1"])
+    assert stop.value.code == 2
+    assert ("env=Pendulum-v1: its observations (Box of shape (3,)) do not fit the checkpoint's "
+            "module, trained on Box of shape (4,)") in capsys.readouterr().err
+    copy = tmp_path / "run"
+    copy.mkdir()
+    summary = json.loads((plan.output_dir / "summary.json").read_text())
+    summary["tracking"]["tracking_uri"] = "http://127.0.0.1:9"  # discard port: nothing listens
+    (copy / "summary.json").write_text(json.dumps(summary))
+    (copy / "run.json").write_text((plan.output_dir / "run.json").read_text())
+    result = evaluate.main([str(copy), "episodes=1"])
+    assert result["mlflow_run_id"] is None
+    assert "MLflow     not logged: tracking.tracking_uri: cannot reach MLflow at " \
+           "http://127.0.0.1:9" in capsys.readouterr().out
+    assert (copy / "evaluation" / "evaluation.json").is_file()
+
+
+def test_replay_of_an_unfinished_run_writes_nothing_into_it(finished_run, tmp_path, capsys):
+    plan, _ = finished_run
+    copy = tmp_path / "run"
+    for name in ("run.json", "trials.jsonl", "exploits.jsonl"):
+        (copy / name).parent.mkdir(exist_ok=True)
+        (copy / name).write_text((plan.output_dir / name).read_text())
+    with pytest.raises(SystemExit) as stop:
+        replay.main([str(copy), "seeds=1"])
+    assert stop.value.code == 2
+    assert "no summary.json (the run did not finish)" in capsys.readouterr().err
+    assert sorted(p.name for p in copy.iterdir()) == ["exploits.jsonl", "run.json",
+                                                      "trials.jsonl"]
 
 
 def test_winning_schedule_is_what_the_lineage_trained_with(finished_run):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,14 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY, compose_config, run_cli
 
-from rl_pbt.records import EXPLOITS_FILE, TRIALS_FILE, read_json, read_jsonl
+from rl_pbt.errors import ConfigError
+from rl_pbt.records import (
+    EXPLOITS_FILE,
+    TRIALS_FILE,
+    drop_cut_last_line,
+    read_json,
+    read_jsonl,
+)
 from rl_pbt.resolve import resolve
 
 ITERATIONS = 16
@@ -199,3 +207,24 @@ def test_resume_point_is_each_trials_latest_iteration_after_any_rewind(tmp_path)
     _, point = load_resume(tmp_path)
     # a: 10 before the exploit, 9 after it; b: cloned iteration 4 after its last row (6).
     assert point.last_iteration == {"a": 9, "b": 4, "c": 3}
+
+
+def test_damaged_records_are_one_error_and_a_cut_last_line_is_dropped(tmp_path):
+    """A kill in the middle of an append leaves a last line without its newline: it is left
+    out when read, and cut off before a resumed run appends; other damage names the file."""
+    rows = tmp_path / "trials.jsonl"
+    rows.write_text('{"a": 1}\n{"a": 2}\n{"a": 3, "b')
+    assert read_jsonl(rows) == [{"a": 1}, {"a": 2}]
+    drop_cut_last_line(rows)
+    assert rows.read_text() == '{"a": 1}\n{"a": 2}\n'
+    drop_cut_last_line(rows)  # whole lines stay as they are
+    assert rows.read_text() == '{"a": 1}\n{"a": 2}\n'
+    rows.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
+    with pytest.raises(ConfigError, match=r"trials\.jsonl: line 2 is damaged, not JSON"):
+        read_jsonl(rows)
+    info = tmp_path / "run.json"
+    for text, message in (('{"config": {', "run.json: damaged, not JSON"),
+                          ("[]", "run.json: damaged, a JSON list where rl_pbt wrote an object")):
+        info.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            read_json(info)

@@ -50,6 +50,9 @@ def load_info(run_dir: Path) -> dict[str, Any]:
 
 def best_trial(records: RunRecords, mode: str) -> str:
     """The trial whose latest return is best (picked as ``summary.json`` picks it)."""
+    if not records.rows:
+        raise ConfigError("trials.jsonl holds no result (the run ended before its first "
+                          "iteration, or the file was emptied); nothing to report")
     best = best_of(records.scored_rows(), mode)
     if best is None:
         raise ConfigError("no trial reported a return (no episode finished); nothing to report")
