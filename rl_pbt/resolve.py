@@ -337,6 +337,11 @@ def resolve_tracking(tracking: Mapping[str, Any], launch_dir: Path) -> Tracking:
                 )
         backend = "mlflow"
     uri = _text(tracking, "tracking_uri") or "sqlite:///mlflow.db"
+    if "://" not in uri or uri.startswith("file:"):
+        raise ConfigError(
+            f"tracking.tracking_uri: {uri!r} is a folder for MLflow's file store, which MLflow "
+            "3 no longer writes; give sqlite:///PATH.db, http(s)://HOST:PORT or a database URI "
+            "(postgresql://...)")
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str((launch_dir / uri[len(prefix):]).resolve())

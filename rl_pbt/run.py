@@ -10,7 +10,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +26,7 @@ from rl_pbt.cli import RUN_INFO, check_new_run_dir, discard_empty_output_dir
 from rl_pbt.cluster import environ_default
 from rl_pbt.errors import ConfigError, Interrupted
 from rl_pbt.noise import quiet_known_noise
-from rl_pbt.plan import Plan
+from rl_pbt.plan import Plan, Tracking
 from rl_pbt.progress import ProgressPrinter
 from rl_pbt.records import EXPLOITS_FILE, RunRecorder, read_jsonl, write_json
 from rl_pbt.resolve import resolve
@@ -132,7 +132,7 @@ def _execute(
         # Importing MLflow and opening its store (1.5-3 s) while Ray starts its processes.
         opening = pool.submit(MlflowTracker, plan, repeats) if plan.tracking.enabled else None
         ray_used = cluster.describe(cluster.start_ray(plan))
-        tracker = opening.result() if opening else None
+        tracker = _opened(opening, plan.tracking) if opening else None
     fit = cluster.concurrency(plan, trial)
     print(fit.report(), flush=True)
     envs.register(plan.env)
@@ -203,6 +203,16 @@ def tune_settings() -> Iterator[None]:
             environ_default("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"), \
             environ_default("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0"):
         yield
+
+
+def _opened(opening: Future, tracking: Tracking) -> MlflowTracker:
+    """The tracker being opened; MLflow's failure to open the store (a database it cannot
+    read, a plugin URI it does not know) is one line, before any file of the run exists."""
+    try:
+        return opening.result()
+    except Exception as err:
+        raise ConfigError(f"tracking.tracking_uri: MLflow cannot open {tracking.tracking_uri}: "
+                          f"{first_line(err)}") from None
 
 
 def _release_ray(origin: str, tags: Mapping[str, str]) -> threading.Thread | None:

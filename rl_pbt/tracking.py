@@ -76,8 +76,20 @@ def check_reachable(tracking: Tracking, timeout: float = 5.0,
             ) from None
     elif tracking.sqlite_file is not None:
         folder = tracking.sqlite_file.parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
+        if not folder.is_dir() or not _can_create_in(folder):
             raise ConfigError(f"tracking.tracking_uri: {folder} is not a writable folder")
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be made in ``folder``, tried (root passes ``os.access`` for /proc,
+    where SQLite then retried for 110 s before MLflow failed)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -33,6 +33,8 @@ BAD_INPUT = [
     (["stopper.stop_all_at_target=maybe"],
      "stopper.stop_all_at_target: must be true or false, got 'maybe'"),
     (["resume="], "resume: no folder given; resume=RUN_DIR continues the run in RUN_DIR"),
+    (["tracking.tracking_uri=mlruns"], "tracking.tracking_uri: 'mlruns' is a folder for MLflow's "
+     "file store, which MLflow 3 no longer writes; give sqlite:///PATH.db"),
     # A key RLlib takes that the YAML does not list: Hydra adds it only with '+'.
     (["algorithm.config.torch_compile_learner=true"], "algorithm.config.torch_compile_learner: "
      "no such key in algorithm=ppo (a key it lacks is added with "
@@ -111,6 +113,19 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path):
     proc = run_cli([f"tracking.tracking_uri={uri}"], cwd=tmp_path, timeout=180)
     _assert_one_line_error(proc, f"tracking.tracking_uri: cannot reach MLflow at {uri}")
     assert "Concurrency" not in proc.stdout  # Ray was never taken over for the run
+
+
+def test_a_store_mlflow_cannot_open_fails_before_training(tmp_path):
+    """MLflow's own failure to open the store was a traceback after Hydra made the run
+    folder; it is one line, and the file is left as it was."""
+    (tmp_path / "notadb.db").write_text("not a database\n" * 20)
+    proc = run_cli(["tracking.tracking_uri=sqlite:///notadb.db", *TINY], cwd=tmp_path,
+                   timeout=180)
+    _assert_one_line_error(proc, f"tracking.tracking_uri: MLflow cannot open sqlite:///"
+                                 f"{tmp_path}/notadb.db: (sqlite3.DatabaseError) file is not a "
+                                 "database")
+    assert (tmp_path / "notadb.db").read_text() == "not a database\n" * 20
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_help_lists_groups_and_options(tmp_path):
