@@ -20,6 +20,7 @@ from typing import Any
 from ray import tune
 
 from rl_pbt.errors import ConfigError
+from rl_pbt.values import is_numeric
 
 
 class Distribution:
@@ -54,6 +55,9 @@ class Distribution:
 
 
 def _check_range(name: str, low: float, high: float, log: bool) -> None:
+    for label, value in (("low", low), ("high", high)):
+        if not is_numeric(value) or not math.isfinite(value):
+            raise ConfigError(f"{name}: {label} must be a finite number, got {value!r}")
     if low > high:
         raise ConfigError(f"{name}: low={low} is greater than high={high}; need low <= high")
     if log and low <= 0:
@@ -190,6 +194,10 @@ def _plain_values(name: str, values: Sequence[Any]) -> tuple[Any, ...]:
     if len(values) == 0:
         raise ConfigError(f"{name}: values is empty; give at least one value")
     return tuple(values)
+
+
+#: The classes a spec's ``_target_`` names, for the error about one that is not there.
+KINDS = ("Uniform", "LogUniform", "RandInt", "LogRandInt", "Choice")
 
 
 def as_distribution(spec: Any) -> Distribution:

@@ -171,7 +171,10 @@ def resolve_env(env: Mapping[str, Any]) -> EnvSpec:
 
 def _make_env(env_id: str, entry_point: str | None, env_config: dict[str, Any]) -> gym.Env:
     if entry_point:
-        import_object(entry_point)  # a bad path is a ConfigError that names it
+        try:
+            import_object(entry_point)
+        except ConfigError as err:
+            raise ConfigError(f"env.entry_point: {err}; give package.module:ClassName") from None
         try:
             env = make_from_entry_point(entry_point, env_config)
         except Exception as err:  # the user's class may fail in any way; say so in one line
@@ -240,13 +243,35 @@ def _instantiate(spec: Any, where: str) -> Distribution:
         try:
             spec = instantiate(spec, _convert_="all")
         except InstantiationException as err:
-            cause = err.__cause__
-            reason = str(cause) if isinstance(cause, ConfigError) else first_line(err)
-            raise ConfigError(f"{where}: {reason}") from None
+            raise ConfigError(f"{where}: {_instantiation_reason(err, spec)}") from None
     try:
         return as_distribution(spec)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def _instantiation_reason(err: InstantiationException, spec: Mapping[str, Any]) -> str:
+    """Hydra's error in one line that names what to give: the cause of a failed call (its
+    first line, after 'Error in call to target ...:'), or the distributions for a target that
+    cannot be found or may not be called."""
+    import dataclasses
+
+    from rl_pbt import distributions
+
+    cause = err.__cause__
+    if isinstance(cause, ConfigError):
+        return str(cause)
+    target = str(spec.get("_target_"))
+    if isinstance(cause, TypeError):
+        kind = getattr(distributions, target.rpartition(".")[2], None)
+        takes = (f"; it takes {', '.join(f.name for f in dataclasses.fields(kind))}"
+                 if target.startswith("rl_pbt.distributions.") and dataclasses.is_dataclass(kind)
+                 else "")
+        return f"{target}: {first_line(cause)}{takes}"
+    why = ("Hydra never calls it" if "blocklisted" in str(err) else
+           "no such class or function" if "Error locating target" in str(err) else first_line(err))
+    kinds = ", ".join(f"rl_pbt.distributions.{kind}" for kind in distributions.KINDS)
+    return f"_target_: cannot call {target!r} ({why}); give one of {kinds}"
 
 
 def _bounds(

@@ -124,7 +124,20 @@ def test_relative_sqlite_uri_is_anchored_at_the_launch_dir(tmp_path):
         (["env=pendulum", "env.model_config.free_log_std=true", "env.id=CartPole-v1"],
          "free_log_std: only for continuous"),
         (["env=entry_point", "env.entry_point=no.such:Env", "env.target_return=1"],
-         "cannot import 'no.such:Env'"),
+         "env.entry_point: cannot import 'no.such:Env'"),
+        (["env=entry_point", "env.entry_point=garbage", "env.target_return=1"],
+         "env.entry_point: cannot import 'garbage': Empty module name; give "
+         "package.module:ClassName"),
+        (["mutations.hyperparams.lr.low=abc"],
+         "mutations.hyperparams.lr: LogUniform: low must be a finite number, got 'abc'"),
+        (["+mutations.hyperparams.lr.bogus=1"],
+         "mutations.hyperparams.lr: rl_pbt.distributions.LogUniform: LogUniform.__init__() got "
+         "an unexpected keyword argument 'bogus'; it takes low, high"),
+        (["mutations.hyperparams.lr._target_=os.system"],
+         "mutations.hyperparams.lr: _target_: cannot call 'os.system' (Hydra never calls it); "
+         "give one of rl_pbt.distributions.Uniform"),
+        (["mutations.hyperparams.lr._target_=rl_pbt.distributions.Nope"],
+         "_target_: cannot call 'rl_pbt.distributions.Nope' (no such class or function)"),
         (["tracking.backend=wandb"], "tracking.backend: unknown 'wandb'"),
         (["tracking.experiment_name=[1]"], "tracking.experiment_name: must be a string, got [1]"),
         (["tracking.tracking_uri={a:1}"], "tracking.tracking_uri: must be a string"),
