@@ -28,10 +28,10 @@ def main(cfg: DictConfig) -> float | None:
     """Tune one population; return the best score (what a Hydra sweeper would optimise)."""
     if not cfg.get("resume"):
         local_ray.start_early(cfg.get("resources") or {})
-    from rl_pbt.run import run
-    from rl_pbt.summary import every_trial_failed
-
     try:
+        from rl_pbt.run import run  # 2-3 s of imports: a Ctrl-C may land here
+        from rl_pbt.summary import every_trial_failed
+
         if _first_job_of_a_multirun():
             check_sweep_jobs(sys.argv[1:])  # every job's config, while Ray starts
         summary = run(cfg)
@@ -41,6 +41,12 @@ def main(cfg: DictConfig) -> float | None:
     except Interrupted as err:
         print(f"rl_pbt: {err}", file=sys.stderr)
         sys.exit(130)
+    except KeyboardInterrupt:  # a Ctrl-C outside Tune's run (checks, start-up, report)
+        kept = discard_empty_output_dir()
+        print("rl_pbt: interrupted; " + (f"{kept} may be incomplete" if kept else
+                                         "before training, nothing was written"),
+              file=sys.stderr, flush=True)
+        local_ray.exit_process(130)
     error = every_trial_failed(summary)
     if error:  # the summary above shows each trial's error; the command fails
         print(f"rl_pbt: error: every trial failed ({error}); their records are in "

@@ -61,8 +61,9 @@ def parse_path_and_options(
     return Path(paths[0]), options
 
 
-def discard_empty_output_dir() -> None:
-    """Remove the run folder Hydra made for a run that failed its checks.
+def discard_empty_output_dir() -> Path | None:
+    """Remove the run folder Hydra made for a run that failed its checks; return the folder
+    that holds something of the run, if any.
 
     Hydra writes ``.hydra/`` and a log before the job starts; when the config is then rejected,
     the folder holds nothing of the run and would only look like one.
@@ -72,17 +73,20 @@ def discard_empty_output_dir() -> None:
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return
+        return None
     folder = Path(HydraConfig.get().runtime.output_dir)
     bookkeeping = {".hydra", f"{HydraConfig.get().job.name}.log"}
+    kept: Path | None = folder
     if folder.is_dir() and {p.name for p in folder.iterdir()} <= bookkeeping:
         shutil.rmtree(folder)
         _discard_empty_parents(folder, "outputs")
+        kept = None
     sweep = Path(HydraConfig.get().sweep.dir).resolve()
     in_sweep = folder.parent.resolve() == sweep and sweep.is_dir()
     if in_sweep and {p.name for p in sweep.iterdir()} <= {"multirun.yaml"}:
         shutil.rmtree(sweep)  # a multirun that failed in its first job: nothing ran
         _discard_empty_parents(sweep, "multirun")
+    return kept if kept is not None and kept.is_dir() else None
 
 
 def _discard_empty_parents(folder: Path, top_name: str) -> None:

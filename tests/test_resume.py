@@ -71,6 +71,23 @@ def _first_run(tmp_path: Path, args: list[str] = ARGS) -> tuple[Path, Path, subp
     return run_dir, db, proc
 
 
+def test_ctrl_c_before_training_leaves_nothing_and_no_traceback(tmp_path):
+    """A Ctrl-C in the first seconds (imports, checks, Ray's start) was a KeyboardInterrupt
+    traceback and a run folder holding only Hydra's files."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "rl_pbt", *TINY], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "rl_pbt: interrupted; before training, nothing was written")
+    assert not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_run_resumes_to_the_end(tmp_path):
     run_dir, db, proc = _first_run(tmp_path)
