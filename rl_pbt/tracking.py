@@ -152,7 +152,14 @@ class MlflowTracker(Callback):
         Children are found by their parent tag; each goes on at the step after its last one,
         so a resumed trial's metrics continue the same charts.
         """
-        parent = self.client.get_run(parent_id)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            parent = self.client.get_run(parent_id)
+        except MlflowException:
+            raise ConfigError(f"resume: MLflow run {parent_id}, this run's parent, is not in "
+                              f"{self.plan.tracking.tracking_uri}; put back the store the run "
+                              "was tracked in") from None
         self.parent_id, self.experiment_id = parent_id, parent.info.experiment_id
         self.client.update_run(parent_id, status="RUNNING")
         records = read_jsonl(self.plan.output_dir / TRIALS_FILE)

@@ -174,6 +174,24 @@ def test_reopen_logs_what_the_records_hold_and_mlflow_missed(plan):
     assert sorted((m.step, m.value) for m in returns)[2] == (3, 30.0)
 
 
+def test_resume_into_a_store_without_the_runs_parent_is_one_error(plan, tmp_path):
+    """A resume whose MLflow store lost the parent run (moved, replaced) raised MLflow's
+    'Run with id=... not found' as a traceback; a store file that is gone is caught before
+    MLflow would make a new, empty one (rl_pbt.resume.resumed_plan)."""
+    from rl_pbt.resume import ResumePoint, resumed_plan
+
+    missing = "0" * 32
+    with pytest.raises(ConfigError, match=f"resume: MLflow run {missing}, this run's parent, "
+                                          "is not in sqlite:///"):
+        MlflowTracker(plan).reopen(missing)
+    gone = tmp_path / "gone" / "mlflow.db"
+    point = ResumePoint(tmp_path, {}, {"backend": "mlflow", "tracking_uri": f"sqlite:///{gone}",
+                                       "experiment_name": "x"}, "", {})
+    with pytest.raises(ConfigError, match=f"resume: the run's MLflow store {gone} is gone"):
+        resumed_plan(plan, point)
+    assert not gone.parent.exists()
+
+
 def test_parent_nests_under_an_active_run(plan, tmp_path):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(plan.tracking.tracking_uri)
