@@ -294,6 +294,41 @@ def _first_draw(param_space: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.sample() if hasattr(v, "sample") else v for k, v in param_space.items()}
 
 
+#: Ray 2.3's names of the episode metrics (the user guide's) -> today's.
+OLD_METRICS = {"episode_reward_mean": "env_runners/episode_return_mean",
+               "episode_reward_max": "env_runners/episode_return_max",
+               "episode_reward_min": "env_runners/episode_return_min",
+               "episode_len_mean": "env_runners/episode_len_mean"}
+#: Top-level keys of an RLlib result (nested ones are written a/b) that a run can rank by.
+TOP_METRICS = ("training_iteration", "time_total_s", "num_env_steps_sampled_lifetime")
+#: RLlib's episode metrics under env_runners/ (a callback may log more there).
+EPISODE_METRICS = tuple(f"env_runners/episode_{kind}_{stat}" for kind in ("return", "len")
+                        for stat in ("mean", "max", "min"))
+
+
+def check_metric(metric: Any) -> str:
+    """The metric PBT ranks by must be a key of RLlib's results: a misspelt one ranked
+    nothing, made no exploit, and the summary blamed unfinished episodes."""
+    import difflib
+
+    if not isinstance(metric, str) or not metric:
+        raise ConfigError(f"metric: must be a result key such as {EPISODE_METRICS[0]}, "
+                          f"got {metric!r}")
+    if metric in OLD_METRICS:
+        raise ConfigError(f"metric: {metric!r} is Ray 2.3's name; today's RLlib reports "
+                          f"{OLD_METRICS[metric]}")
+    known = (*EPISODE_METRICS, *TOP_METRICS)
+    level = metric.rpartition("/")[0]  # a near miss of a known key at its own level
+    close = difflib.get_close_matches(metric, [k for k in known if k.rpartition("/")[0] == level],
+                                      n=1, cutoff=0.8)
+    if metric not in known and ("/" not in metric or close):
+        hint = f"did you mean {close[0]!r}?" if close else (
+            f"RLlib reports returns as {EPISODE_METRICS[0]} (or _max, _min); nested keys "
+            "are written a/b")
+        raise ConfigError(f"metric: {metric!r} is not a key of RLlib's results; {hint}")
+    return metric
+
+
 def resolve_stop(plain: Mapping[str, Any], env: EnvSpec) -> StopRule:
     """The stop rule: iterations, return target, env-step and wall-time budgets."""
     stop = plain["stopper"]
@@ -308,7 +343,7 @@ def resolve_stop(plain: Mapping[str, Any], env: EnvSpec) -> StopRule:
     if target is not None and not is_number(target):
         raise ConfigError(f"stopper.target_return: must be a number or null, got {target!r}")
     return StopRule(
-        metric=str(plain["metric"]),
+        metric=check_metric(plain["metric"]),
         mode=mode,
         max_iterations=stop.get("max_iterations"),
         target_return=target,

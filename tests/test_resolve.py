@@ -147,6 +147,12 @@ def test_relative_sqlite_uri_is_anchored_at_the_launch_dir(tmp_path):
         (["scheduler.time_attr=time_totl_s"], "scheduler.time_attr: unknown 'time_totl_s'"),
         (["scheduler.synch=maybe"], "scheduler.synch: must be true or false"),
         (["seed=abc"], "seed: must be an integer >= 0, got 'abc'"),
+        (["metric=foo"], "metric: 'foo' is not a key of RLlib's results; RLlib reports returns "
+                         "as env_runners/episode_return_mean"),
+        (["metric=episode_reward_mean"], "metric: 'episode_reward_mean' is Ray 2.3's name; "
+                                         "today's RLlib reports env_runners/episode_return_mean"),
+        (["metric=env_runners/episode_reward_mean"],
+         "did you mean 'env_runners/episode_return_mean'?"),
         (["tensorboard=maybe"], "tensorboard: must be true or false, got 'maybe'"),
         (["sampler=fast"], "sampler: must be one of batched, rllib, got 'fast'"),
         (["learner=fast"], "learner: must be one of lean, rllib, got 'fast'"),
