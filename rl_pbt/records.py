@@ -127,19 +127,41 @@ def trial_error(trial: Trial) -> str:
     """The exception that failed the trial, in one line from its error file, without Ray's
     traceback.
 
-    Tune appends one ``Failure # N`` section per failure; the last one is this failure. RLlib
-    re-raises env errors as a bare ``RuntimeError``; Python prints the chain's cause first, so
-    the first ``SomeError: message`` line of the section names what really went wrong.
+    Tune appends one ``Failure # N`` section per failure; the last one is this failure.
     """
     path = Path(trial.error_file) if trial.error_file else None
     if path is None or not path.is_file():
         return "unknown error"
     lines = path.read_text(errors="replace").splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("Failure #")]
-    lines = lines[starts[-1]:] if starts else lines
-    raised = [line for line in lines if _EXCEPTION_LINE.match(line)]
-    with_message = [line for line in raised if ": " in line]
-    return (with_message or raised or ["unknown error"])[0]
+    return root_error(lines[starts[-1]:] if starts else lines)
+
+
+#: Python's line between two exceptions of a chain: ``raise ... from cause`` (the earlier one
+#: is what went wrong; RLlib re-raises an env's error as a bare RuntimeError so) or an error
+#: while handling another (the later one is what was raised; the earlier is only context).
+_CAUSE = "The above exception was the direct cause of the following exception:"
+_CONTEXT = "During handling of the above exception, another exception occurred:"
+
+
+def root_error(lines: list[str]) -> str:
+    """The exception line of a traceback's chain that names what went wrong: the last one
+    raised, followed back through its explicit causes (not through the exceptions it was
+    raised while handling)."""
+    chain: list[tuple[str | None, str]] = []  # (exception line, the link to the next)
+    current: str | None = None
+    for line in lines:
+        if _EXCEPTION_LINE.match(line) and (current is None or ": " in line
+                                            or ": " not in current):
+            current = line
+        elif line.strip() in (_CAUSE, _CONTEXT):
+            chain.append((current, line.strip()))
+            current = None
+    chain.append((current, ""))
+    index = len(chain) - 1
+    while index > 0 and chain[index - 1][1] == _CAUSE and chain[index - 1][0]:
+        index -= 1
+    return chain[index][0] or next((c for c, _ in reversed(chain) if c), "unknown error")
 
 
 def write_json(data: Any, path: Path) -> Path:

@@ -146,6 +146,16 @@ def _positive_int(plain: Mapping[str, Any], path: str, minimum: int = 1) -> int:
     return value
 
 
+def _check_layer_sizes(model: Mapping[str, Any]) -> None:
+    """``fcnet_hiddens`` and the other ``*_hiddens`` of RLlib's model config are lists of layer
+    widths; anything else failed in every trial with an error about something else."""
+    for key, value in model.items():
+        if key.endswith("hiddens") and value is not None and not (
+                isinstance(value, (list, tuple)) and all(is_count(v, 1) for v in value)):
+            raise ConfigError(f"algorithm.config._model_config.{key}: must be a list of layer "
+                              f"widths (integers >= 1) such as [64, 64], got {value!r}")
+
+
 def resolve_env(env: Mapping[str, Any]) -> EnvSpec:
     """Check the env exists and learn its action space, by building it once."""
     env_config = dict(env.get("env_config") or {})
@@ -158,8 +168,13 @@ def resolve_env(env: Mapping[str, Any]) -> EnvSpec:
         continuous = isinstance(instance.action_space, gym.spaces.Box)
         discrete = isinstance(instance.action_space,
                               (gym.spaces.Discrete, gym.spaces.MultiDiscrete))
+        observations = instance.observation_space
     finally:
         instance.close()
+    if not isinstance(observations, gym.spaces.Box):  # every trial failed in RLlib's catalog
+        raise ConfigError(
+            f"env: {env['id']} observes {observations}; RLlib's default model reads Box "
+            "observations only: wrap the env (one-hot, flatten) and use env=entry_point")
     model_config = env.get("model_config") or {}
     if model_config.get("free_log_std") and not continuous:
         raise ConfigError(
@@ -210,6 +225,7 @@ def resolve_algorithm_config(
     check_values(resources, algorithm.config_class, "resources.config")
     fixed: dict[str, Any] = {**config, **resources}
     model = {**(fixed.pop("_model_config", None) or {}), **(plain["env"].get("model_config") or {})}
+    _check_layer_sizes(model)
     fixed["_model_config"] = model
     fixed["env"] = env.rllib_name
     fixed["env_config"] = env.env_config

@@ -122,3 +122,22 @@ def test_flaky_env_fails_only_in_its_trials_and_only_so_often(tmp_path, monkeypa
     for _ in range(4):  # the one failure is spent: a retried trial trains on
         again.step(0)
     assert trial_index(tmp_path) is None
+
+
+def test_the_error_line_follows_causes_not_handling_context():
+    """RLlib re-raises an env's error 'from' it (the cause is what went wrong); an error raised
+    while handling another (FrozenLake's Discrete observations: an AttributeError, then the
+    ValueError that says why) is the later one."""
+    from rl_pbt.records import root_error
+
+    frames = ["Traceback (most recent call last):", '  File "x.py", line 1, in f', "    g()"]
+    caused = [*frames, "ValueError: the env broke", "",
+              "The above exception was the direct cause of the following exception:", "",
+              *frames, "RuntimeError"]
+    assert root_error(caused) == "ValueError: the env broke"
+    handled = [*frames, "AttributeError: 'NoneType' object has no attribute 'x'", "",
+               "During handling of the above exception, another exception occurred:", "",
+               *frames, "    raise ValueError(",
+               "ValueError: No default encoder config for obs space=Discrete(16)"]
+    assert root_error(handled) == "ValueError: No default encoder config for obs space=Discrete(16)"
+    assert root_error(["Failure # 1", "no exception here"]) == "unknown error"

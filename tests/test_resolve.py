@@ -157,6 +157,13 @@ def test_relative_sqlite_uri_is_anchored_at_the_launch_dir(tmp_path):
         (["sampler=fast"], "sampler: must be one of batched, rllib, got 'fast'"),
         (["learner=fast"], "learner: must be one of lean, rllib, got 'fast'"),
         (["max_failures=1.5"], "max_failures: must be an integer >= 0"),
+        (["algorithm.config._model_config.fcnet_hiddens=abc"],
+         "algorithm.config._model_config.fcnet_hiddens: must be a list of layer widths "
+         "(integers >= 1) such as [64, 64], got 'abc'"),
+        (["algorithm.config._model_config.fcnet_hiddens=[0]"], "got [0]"),
+        (["env=gym", "env.id=FrozenLake-v1", "env.target_return=1"],
+         "env: FrozenLake-v1 observes Discrete(16); RLlib's default model reads Box "
+         "observations only"),
         (["env=gym", "env.id=LunarLander-v3", "env.target_return=200"],
          "env: cannot build LunarLander-v3"),
         (["+env.env_config.no_such_arg=1"], "env: cannot build CartPole-v1"),
