@@ -95,9 +95,11 @@ def _check_pbt(options: dict[str, Any], allowed: tuple[str, ...]) -> None:
         _check_number(options, "resample_probability", low=0, high=1)
     if "perturbation_factors" in allowed:
         factors = options.get("perturbation_factors")
-        if not (isinstance(factors, list) and factors and all(is_number(f) for f in factors)):
-            raise ConfigError(
-                f"scheduler.perturbation_factors: a list of numbers, got {factors!r}")
+        if not (isinstance(factors, list) and factors
+                and all(is_number(f) and f > 0 for f in factors)):
+            raise ConfigError(  # PBT multiplies by them: 0 or less leaves the value's range
+                f"scheduler.perturbation_factors: a list of numbers > 0 such as [1.2, 0.8], "
+                f"got {factors!r}")
         options["perturbation_factors"] = tuple(factors)
 
 

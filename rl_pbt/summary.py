@@ -135,7 +135,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines = [f"== rl_pbt: {summary['name']} ==",
              f"wall time {summary['wall_time_s']:.0f} s, {summary['exploits']} exploits, "
              f"{len(summary['trials'])} trials"]
-    if best is None:
+    if best is None and not any(row["iterations"] for row in summary["trials"]):
+        lines.append("No trial finished an iteration before the run stopped.")
+    elif best is None:
         lines.append(f"No trial reported {summary['metric']} (no episode finished).")
     else:
         target = summary.get("target_return")

@@ -128,3 +128,8 @@ def test_summary_says_why_a_trial_has_no_return():
                "metric": "m", "mode": "max", "output_dir": "out"}
     assert ("trial b: return n/a (took a's weights at iteration 32, no episode finished since), "
             "32 it" in format_summary(summary))
+    summary["best"] = None
+    assert "No trial reported m (no episode finished)." in format_summary(summary)
+    # stopper.max_seconds ran out before any iteration ended: episodes are not the reason
+    trial.update(iterations=None, unscored_since=None)
+    assert "No trial finished an iteration before the run stopped." in format_summary(summary)

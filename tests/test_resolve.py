@@ -146,6 +146,8 @@ def test_relative_sqlite_uri_is_anchored_at_the_launch_dir(tmp_path):
          "did you mean 'perturbation_interval'"),
         (["scheduler.time_attr=time_totl_s"], "scheduler.time_attr: unknown 'time_totl_s'"),
         (["scheduler.synch=maybe"], "scheduler.synch: must be true or false"),
+        (["scheduler.perturbation_factors=[-1,0]"],
+         "scheduler.perturbation_factors: a list of numbers > 0 such as [1.2, 0.8], got [-1, 0]"),
         (["seed=abc"], "seed: must be an integer >= 0, got 'abc'"),
         (["metric=foo"], "metric: 'foo' is not a key of RLlib's results; RLlib reports returns "
                          "as env_runners/episode_return_mean"),
