@@ -176,7 +176,11 @@ def _execute(
         raise
     if tracker:
         status = "FAILED" if every_trial_failed(summary) else "FINISHED"
-        tracker.close(summary, status, artifacts=report.paths() if report else [])
+        try:
+            tracker.close(summary, status, artifacts=report.paths() if report else [])
+        except Exception:
+            _mark_killed(tracker)  # MLflow refused the final writes: no run left RUNNING
+            raise
     print(format_summary(summary), flush=True)
     if report:
         print(f"report       {report.markdown}", flush=True)
