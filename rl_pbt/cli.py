@@ -185,6 +185,7 @@ def check_override_keys(argv: list[str]) -> None:
             others = [o for o, t in trees.items() if o != option and _has(t, path[1:])]
             _check_key(tree, path[1:], f"{group}={option}", group, others,
                        added=arg if tuple(path[:2]) in OPEN_MAPPINGS else None)
+            _check_list_over_mapping(tree, path, arg, f"{group}={option}")
 
 
 def check_sweep_jobs(argv: list[str]) -> None:
@@ -232,6 +233,20 @@ def check_sweep_jobs(argv: list[str]) -> None:
                 resolve(cfg, Path(tmp) / str(number))
             except ConfigError as err:
                 raise ConfigError(f"job {number} ({' '.join(job)}): {err}") from None
+
+
+def _check_list_over_mapping(tree: Any, path: list[str], arg: str, where: str) -> None:
+    """``key=[...]`` where the option has a mapping (a distribution spec): Hydra refuses to merge
+    them in five lines; the one line says how to replace the mapping."""
+    value = arg.partition("=")[2].strip()
+    for key in path[1:]:
+        if not isinstance(tree, dict) or key not in tree:
+            return
+        tree = tree[key]
+    if isinstance(tree, dict) and value.startswith("["):
+        name = ".".join(path)
+        fail(ConfigError(f"{name}: a mapping in {where}, not a list; to replace it with a "
+                         f"list: ~{name} +{arg}"))
 
 
 def _has(tree: Any, keys: list[str]) -> bool:

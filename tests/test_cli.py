@@ -32,6 +32,9 @@ BAD_INPUT = [
     (["algorithm.config.gamma=abc"], "algorithm.config.gamma: must be a number, got 'abc'"),
     (["stopper.stop_all_at_target=maybe"],
      "stopper.stop_all_at_target: must be true or false, got 'maybe'"),
+    (["mutations.hyperparams.clip_param=[0.1,0.2]"], "mutations.hyperparams.clip_param: a "
+     "mapping in mutations=narrow, not a list; to replace it with a list: "
+     "~mutations.hyperparams.clip_param +mutations.hyperparams.clip_param=[0.1,0.2]"),
     (["resume="], "resume: no folder given; resume=RUN_DIR continues the run in RUN_DIR"),
     (["tracking.tracking_uri=mlruns"], "tracking.tracking_uri: 'mlruns' is a folder for MLflow's "
      "file store, which MLflow 3 no longer writes; give sqlite:///PATH.db"),
@@ -58,6 +61,7 @@ GOOD_OVERRIDES = [
     ["algorithm.config._model_config.fcnet_hiddens=[32]", "checkpoint.frequency=2", "seed=5"],
     ["experiment=seed", "stopper.max_iterations=3"], ["hydra.run.dir=/tmp/x", "resume=/tmp/x"],
     ["+env.env_config.size=3", "mutations=seed", "mutations.hyperparams.lr=[0.1]"],
+    ["~mutations.hyperparams.clip_param", "+mutations.hyperparams.clip_param=[0.1,0.2]"],
     # Picks only Hydra reads: left to Hydra.
     ["-m", "scheduler=choice(asha)", "scheduler.grace_period=8"],
     ["-m", "mutations=glob(wide)", "mutations.hyperparams.entropy_coeff.high=0.05"],
