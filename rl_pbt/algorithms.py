@@ -205,8 +205,31 @@ def ppo_invariants(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+#: PPO's keys with a meaningful range: (lowest allowed, highest allowed, low end included).
+#: RLlib takes any number and trains nonsense (gamma=2) or nothing (lr=-1).
+PPO_RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "gamma": (0.0, 1.0, True), "lambda": (0.0, 1.0, True), "lr": (0.0, None, False),
+    "clip_param": (0.0, None, False), "kl_coeff": (0.0, None, True),
+    "entropy_coeff": (0.0, None, True), "vf_loss_coeff": (0.0, None, True),
+}
+
+
+def _check_ranges(bounds: Mapping[str, Any]) -> None:
+    for key, (low, high, inclusive) in PPO_RANGES.items():
+        lowest, highest = bounds.get(key) or (None, None)
+        if not is_numeric(lowest) or not is_numeric(highest):
+            continue
+        below = lowest < low if inclusive else lowest <= low
+        if below or (high is not None and highest > high):
+            bad = lowest if below else highest
+            need = (f"{low:g} <= {key} <= {high:g}" if high is not None else
+                    f"{key} {'>=' if inclusive else '>'} {low:g}")
+            raise ConfigError(f"{key}: a value can be {bad:g}; PPO needs {need}")
+
+
 def ppo_check(bounds: Mapping[str, Any], first: Mapping[str, Any] | None = None) -> None:
-    """Reject a search space where minibatch_size can exceed the train batch.
+    """Reject a search space where minibatch_size can exceed the train batch, or a key can
+    leave its range (:data:`PPO_RANGES`).
 
     Args:
         bounds: key -> (lowest, highest) value the key can take over the run.
@@ -228,6 +251,7 @@ def ppo_check(bounds: Mapping[str, Any], first: Mapping[str, Any] | None = None)
             f"train_batch_size_per_learner {start_batch[0]}; lower minibatch_size's high or "
             "raise the train batch's low"
         )
+    _check_ranges(bounds)
     epochs = bounds.get("num_epochs")
     if epochs and epochs[1] < 1:
         raise ConfigError(f"num_epochs: highest value {epochs[1]} is below 1; need >= 1")
