@@ -266,3 +266,14 @@ def test_rllibs_own_checks_fail_as_a_config_error(tmp_path):
 def test_num_cpus_must_be_a_count(value, tmp_path):
     message = config_error([f"resources.num_cpus={value}"], tmp_path)
     assert message.startswith("resources.num_cpus: must be an integer >= 1 or null")
+
+
+@pytest.mark.parametrize("metric", [
+    "env_runners/episode_return_mean", "env_runners/episode_duration_sec_mean",
+    "evaluation/env_runners/episode_return_mean", "env_runners/episode_return_median",
+    "time_this_iter_s", "iterations_since_restore", "num_training_step_calls_per_iteration"])
+def test_result_keys_rllib_reports_pass_the_metric_check(metric):
+    """Keys of a real PPO result (Ray 2.60) and a callback's nested one are not refused."""
+    from rl_pbt.resolve import check_metric
+
+    assert check_metric(metric) == metric
