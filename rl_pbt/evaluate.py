@@ -199,21 +199,22 @@ def log_to_mlflow(target: Target, result: dict[str, Any], out_dir: Path) -> str 
     tracking = (summary or {}).get("tracking")
     if not tracking:
         return None
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from rl_pbt.plan import Tracking
-    from rl_pbt.tracking import check_reachable
+    from rl_pbt.tracking import check_run_store
 
-    try:
-        check_reachable(Tracking("mlflow", tracking["tracking_uri"], None),
-                        hint="start the server and evaluate again")
-    except ConfigError as err:  # the evaluation stands; only its copy in MLflow is missing
-        result["mlflow_error"] = str(err)
+    try:  # the evaluation stands either way; only its copy in MLflow may be missing
+        check_run_store(Tracking("mlflow", tracking["tracking_uri"], None),
+                        "the evaluation is in the run folder")
+        client = MlflowClient(tracking["tracking_uri"])
+        run = client.create_run(tracking["experiment_id"], tags={
+            "mlflow.parentRunId": tracking["parent_run_id"], "mlflow.runName": "evaluate",
+            "rl_pbt.checkpoint": str(target.checkpoint)})
+    except (ConfigError, MlflowException) as err:
+        result["mlflow_error"] = first_line(err)
         return None
-    client = MlflowClient(tracking["tracking_uri"])
-    run = client.create_run(tracking["experiment_id"], tags={
-        "mlflow.parentRunId": tracking["parent_run_id"], "mlflow.runName": "evaluate",
-        "rl_pbt.checkpoint": str(target.checkpoint)})
     for key in ("return_mean", "return_std", "length_mean", "length_std"):
         client.log_metric(run.info.run_id, key, float(result[key]))
     for path in (out_dir / "evaluation.json", result["video"]):  # this evaluation's files only

@@ -88,12 +88,12 @@ def _final_iteration(run_dir: Path, schedule: dict[str, Any]) -> int:
 def replay(run_dir: Path, seeds: int) -> dict[str, Any]:
     """Train the seeds on the schedule; write and return mean +/- std next to the original."""
     from rl_pbt.run import execute
-    from rl_pbt.tracking import check_reachable
+    from rl_pbt.tracking import check_run_store
 
     schedule = load_schedule(run_dir)
     plan = replay_plan(run_dir, schedule, seeds)
     if plan.tracking.enabled:  # the run's own store: replay has no tracking option to change
-        check_reachable(plan.tracking, hint="start the server the run was tracked in")
+        check_run_store(plan.tracking, "replay nests under the run's MLflow runs there")
     parent = (run_summary(run_dir).get("tracking") or {}).get("parent_run_id")
     previous = os.environ.get("MLFLOW_RUN_ID")
     if parent:

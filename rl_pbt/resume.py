@@ -105,10 +105,9 @@ def resumed_plan(plan: Plan, point: ResumePoint) -> Plan:
     if tracking:
         plan = replace(plan, tracking=Tracking(tracking["backend"], tracking["tracking_uri"],
                                                tracking["experiment_name"]))
-        store = plan.tracking.sqlite_file
-        if store is not None and not store.is_file():  # opening it would make a new, empty one
-            raise ConfigError(f"resume: the run's MLflow store {store} is gone (moved or "
-                              "deleted); put it back to continue its MLflow runs")
+        from rl_pbt.tracking import check_run_store
+
+        check_run_store(plan.tracking, "put it back to continue the run's MLflow runs")
     return replace(plan, command=point.command or plan.command,
                    choices=point.choices or plan.choices)
 

@@ -80,6 +80,16 @@ def check_reachable(tracking: Tracking, timeout: float = 5.0,
             raise ConfigError(f"tracking.tracking_uri: {folder} is not a writable folder")
 
 
+def check_run_store(tracking: Tracking, hint: str) -> None:
+    """The store a finished or resumed run was tracked in must still hold it: a SQLite file
+    that is gone would be made anew, empty, by opening it (and its runs not found)."""
+    store = tracking.sqlite_file
+    if store is not None and not store.is_file():
+        raise ConfigError(f"tracking.tracking_uri: the run's MLflow store {store} is gone "
+                          f"(moved or deleted); {hint}")
+    check_reachable(tracking, hint=hint)
+
+
 def _can_create_in(folder: Path) -> bool:
     """Whether a file can be made in ``folder``, tried (root passes ``os.access`` for /proc,
     where SQLite then retried for 110 s before MLflow failed)."""

@@ -83,6 +83,14 @@ def test_evaluate_in_another_env_or_without_its_tracking_server(finished_run, tm
     assert "MLflow     not logged: tracking.tracking_uri: cannot reach MLflow at " \
            "http://127.0.0.1:9" in capsys.readouterr().out
     assert (copy / "evaluation" / "evaluation.json").is_file()
+    gone = tmp_path / "moved" / "mlflow.db"  # a SQLite store moved away: not made anew
+    gone.parent.mkdir()
+    summary["tracking"]["tracking_uri"] = f"sqlite:///{gone}"
+    (copy / "summary.json").write_text(json.dumps(summary))
+    assert evaluate.main([str(copy), "episodes=1"])["mlflow_run_id"] is None
+    assert f"MLflow     not logged: tracking.tracking_uri: the run's MLflow store {gone} is " \
+           "gone" in capsys.readouterr().out
+    assert not gone.exists()
 
 
 def test_replay_of_an_unfinished_run_writes_nothing_into_it(finished_run, tmp_path, capsys):

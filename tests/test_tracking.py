@@ -187,7 +187,7 @@ def test_resume_into_a_store_without_the_runs_parent_is_one_error(plan, tmp_path
     gone = tmp_path / "gone" / "mlflow.db"
     point = ResumePoint(tmp_path, {}, {"backend": "mlflow", "tracking_uri": f"sqlite:///{gone}",
                                        "experiment_name": "x"}, "", {})
-    with pytest.raises(ConfigError, match=f"resume: the run's MLflow store {gone} is gone"):
+    with pytest.raises(ConfigError, match=f"the run's MLflow store {gone} is gone"):
         resumed_plan(plan, point)
     assert not gone.parent.exists()
 
