@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import hydra
@@ -26,9 +27,9 @@ from rl_pbt.errors import ConfigError, Interrupted
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Tune one population; return the best score (what a Hydra sweeper would optimise)."""
-    if not cfg.get("resume"):
-        local_ray.start_early(cfg.get("resources") or {})
     try:
+        if not cfg.get("resume"):
+            local_ray.start_early(cfg.get("resources") or {})
         from rl_pbt.run import run  # 2-3 s of imports: a Ctrl-C may land here
         from rl_pbt.summary import every_trial_failed
 
@@ -42,11 +43,7 @@ def main(cfg: DictConfig) -> float | None:
         print(f"rl_pbt: {err}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:  # a Ctrl-C outside Tune's run (checks, start-up, report)
-        kept = discard_empty_output_dir()
-        print("rl_pbt: interrupted; " + (f"{kept} may be incomplete" if kept else
-                                         "before training, nothing was written"),
-              file=sys.stderr, flush=True)
-        local_ray.exit_process(130)
+        interrupted(cfg.get("resume"))
     error = every_trial_failed(summary)
     if error:  # the summary above shows each trial's error; the command fails
         print(f"rl_pbt: error: every trial failed ({error}); their records are in "
@@ -54,6 +51,21 @@ def main(cfg: DictConfig) -> float | None:
         _failed_runs.append(summary["output_dir"])
     best = summary.get("best")
     return best["return"] if best else None
+
+
+def interrupted(resume_dir: str | None = None) -> NoReturn:
+    """A Ctrl-C outside Tune's own handling: say what it left, exit 130 without a traceback."""
+    kept = Path(resume_dir) if resume_dir else discard_empty_output_dir()
+    if kept is None:
+        state = "before training, nothing was written"
+    elif (kept / "summary.json").is_file():
+        state = f"the run had finished; its summary is in {kept}"
+    elif (kept / "tune" / "tuner.pkl").is_file():
+        state = f"continue with: python -m rl_pbt resume={kept.resolve()}"
+    else:
+        state = f"{kept} holds part of a run that cannot be resumed"
+    print(f"rl_pbt: interrupted; {state}", file=sys.stderr, flush=True)
+    local_ray.exit_process(130)
 
 
 def _first_job_of_a_multirun() -> bool:
@@ -85,5 +97,8 @@ if __name__ == "__main__":
     check_group_options(sys.argv[1:])
     check_override_keys(sys.argv[1:])
     check_run_dir_argument(sys.argv[1:])
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # in Hydra's set-up, before the run's own handling
+        interrupted()
     exit_without_teardown()
