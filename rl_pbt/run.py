@@ -178,9 +178,11 @@ def _execute(
         status = "FAILED" if every_trial_failed(summary) else "FINISHED"
         try:
             tracker.close(summary, status, artifacts=report.paths() if report else [])
-        except Exception:
-            _mark_killed(tracker)  # MLflow refused the final writes: no run left RUNNING
-            raise
+        except Exception as err:  # the run trained and its folder holds everything
+            _mark_killed(tracker)  # no MLflow run left RUNNING
+            print(f"rl_pbt: warning: MLflow refused the run's last records "
+                  f"({first_line(err)}); its runs are marked KILLED; the run folder has them all",
+                  file=sys.stderr, flush=True)
     print(format_summary(summary), flush=True)
     if report:
         print(f"report       {report.markdown}", flush=True)
