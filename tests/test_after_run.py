@@ -171,7 +171,9 @@ def test_missing_or_corrupt_checkpoint_is_one_clear_error(tmp_path, capsys):
 
 def test_a_checkpoint_path_with_equals_signs_is_the_path(tmp_path, monkeypatch):
     """Every Tune trial folder has '=' in its name: such a path is not an option."""
-    checkpoint = tmp_path / "PPO_CartPole-v1_0_clip_param=0.2,lr=0.0002_2026" / "checkpoint_000004"
+    # A custom env's trial folder: word characters up to the first '=' (no '-' in the name).
+    checkpoint = tmp_path / "PBTPPO_rl_pbt_custom_2d537_00000_0_clip_param=0.2,lr=0.0002" / \
+        "checkpoint_000004"
     checkpoint.mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     relative = str(checkpoint.relative_to(tmp_path))
