@@ -428,15 +428,27 @@ def resolve_tracking(tracking: Mapping[str, Any], launch_dir: Path) -> Tracking:
                 )
         backend = "mlflow"
     uri = _text(tracking, "tracking_uri") or "sqlite:///mlflow.db"
-    if "://" not in uri or uri.startswith("file:"):
+    if _file_store(uri):
         raise ConfigError(
             f"tracking.tracking_uri: {uri!r} is a folder for MLflow's file store, which MLflow "
-            "3 no longer writes; give sqlite:///PATH.db, http(s)://HOST:PORT or a database URI "
-            "(postgresql://...)")
+            "3 refuses unless MLFLOW_ALLOW_FILE_STORE=true; give sqlite:///PATH.db, "
+            "http(s)://HOST:PORT or a database URI (postgresql://...)")
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str((launch_dir / uri[len(prefix):]).resolve())
     return Tracking(backend, uri, _text(tracking, "experiment_name") or "rl_pbt")
+
+
+def _file_store(uri: str) -> bool:
+    """A URI MLflow reads as its file store (a path, ``file:``), which MLflow 3 refuses (one
+    page of traceback after the run folder was made) unless its opt-out is set. ``databricks``
+    (and ``databricks-uc``) is a store named without a colon."""
+    import os
+
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
+        return False
+    return uri.startswith(("file:", "/", ".", "~")) or (
+        ":" not in uri and not uri.startswith("databricks"))
 
 
 def _text(tracking: Mapping[str, Any], key: str) -> str | None:

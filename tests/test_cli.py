@@ -37,7 +37,8 @@ BAD_INPUT = [
      "~mutations.hyperparams.clip_param +mutations.hyperparams.clip_param=[0.1,0.2]"),
     (["resume="], "resume: no folder given; resume=RUN_DIR continues the run in RUN_DIR"),
     (["tracking.tracking_uri=mlruns"], "tracking.tracking_uri: 'mlruns' is a folder for MLflow's "
-     "file store, which MLflow 3 no longer writes; give sqlite:///PATH.db"),
+     "file store, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true; give "
+     "sqlite:///PATH.db"),
     # A key RLlib takes that the YAML does not list: Hydra adds it only with '+'.
     (["algorithm.config.torch_compile_learner=true"], "algorithm.config.torch_compile_learner: "
      "no such key in algorithm=ppo (a key it lacks is added with "

@@ -277,3 +277,16 @@ def test_result_keys_rllib_reports_pass_the_metric_check(metric):
     from rl_pbt.resolve import check_metric
 
     assert check_metric(metric) == metric
+
+
+@pytest.mark.parametrize(("uri", "file_store"), [
+    ("mlruns", True), ("./mlruns", True), ("file:///tmp/mlruns", True), ("sqlite:///x.db", False),
+    ("http://127.0.0.1:5000", False), ("databricks", False), ("databricks-uc", False),
+    ("postgresql://user@host/db", False)])
+def test_file_store_uris_are_told_apart(uri, file_store, monkeypatch):
+    from rl_pbt.resolve import _file_store
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    assert _file_store(uri) is file_store
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's opt-out: its choice
+    assert _file_store(uri) is False
