@@ -206,6 +206,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             if number == len(lines) and not text.endswith("\n"):
                 break
             raise ConfigError(f"{path}: line {number} is damaged, not JSON ({err.msg})") from None
+        if row is not None and not isinstance(row, dict):
+            raise ConfigError(f"{path}: line {number} is damaged, a JSON "
+                              f"{type(row).__name__} where rl_pbt wrote an object")
         if row is not None:
             rows.append(row)
     return rows

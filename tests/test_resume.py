@@ -239,6 +239,9 @@ def test_damaged_records_are_one_error_and_a_cut_last_line_is_dropped(tmp_path):
     rows.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
     with pytest.raises(ConfigError, match=r"trials\.jsonl: line 2 is damaged, not JSON"):
         read_jsonl(rows)
+    rows.write_text('{"a": 1}\n[]\n')
+    with pytest.raises(ConfigError, match=r"line 2 is damaged, a JSON list where rl_pbt wrote"):
+        read_jsonl(rows)
     info = tmp_path / "run.json"
     for text, message in (('{"config": {', "run.json: damaged, not JSON"),
                           ("[]", "run.json: damaged, a JSON list where rl_pbt wrote an object")):
