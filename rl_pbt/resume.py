@@ -73,9 +73,33 @@ def load_resume(run_dir: Path) -> tuple[Any, ResumePoint]:
     cfg = OmegaConf.create(info["config"])
     cfg.seed = info["seed"]
     cfg.resume = None
-    return cfg, ResumePoint(run_dir, last_recorded(RunRecords.load(run_dir)),
+    records = RunRecords.load(run_dir)
+    _check_checkpoints_kept(run_dir, records, (info["config"].get("checkpoint") or {}))
+    return cfg, ResumePoint(run_dir, last_recorded(records),
                             info.get("tracking"), info.get("command", ""),
                             info.get("choices", {}))
+
+
+def _check_checkpoints_kept(run_dir: Path, records: RunRecords,
+                            checkpoint: dict[str, Any]) -> None:
+    """Refuse a resume whose trials trained past a periodic checkpoint but have none left:
+    Tune retried each from a checkpoint that is gone until it failed for good, and the run
+    ended 'every trial failed' with a summary (so it could not be resumed again)."""
+    every = checkpoint.get("frequency") or 0
+    if not every:
+        return  # only PBT's saves: a trial may rightly have none
+    gone = []
+    for trial_id in records.trial_ids():
+        trained = max(int(r["training_iteration"] or 0) for r in records.rows_of(trial_id))
+        folders = list((run_dir / "tune").glob(f"*_{trial_id}_*"))
+        kept = any(next(f.glob(pattern), None) for f in folders
+                   for pattern in ("checkpoint_*", "exploit_*"))
+        if folders and trained >= every and not kept:
+            gone.append(trial_id)
+    if gone:
+        raise ConfigError(f"resume: the checkpoints of trial {', '.join(gone)} are gone from "
+                          f"{run_dir / 'tune'}; the run cannot go on from where it stopped: "
+                          "start a new run")
 
 
 def last_recorded(records: RunRecords) -> dict[str, int]:

@@ -145,12 +145,15 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         reached = "" if target is None else (
             f" (target {target:g}: {'reached' if hit else 'not reached'})")
         hyper = ", ".join(f"{k}={short(v)}" for k, v in best["hyperparameters"].items())
+        failed = any(row["trial_id"] == best["trial_id"] and row.get("error")
+                     for row in summary["trials"])
         lines += [
-            f"best trial   {best['trial_id']}: return {best['return']:.1f}{reached}",
+            f"best trial   {best['trial_id']}: return {best['return']:.1f}{reached}"
+            f"{', then it failed' if failed else ''}",
             f"env steps    {best['env_steps']:.0f} in {best['iterations']} iterations"
             if best["env_steps"] is not None else "env steps    unknown",
             f"final hyperparameters  {hyper}",
-            f"checkpoint   {best['checkpoint']}",
+            f"checkpoint   {best['checkpoint'] or 'none left in the trial folder'}",
         ]
     for row in summary["trials"]:
         score = "n/a" if row["return"] is None else f"{row['return']:.1f}"

@@ -133,3 +133,9 @@ def test_summary_says_why_a_trial_has_no_return():
     # stopper.max_seconds ran out before any iteration ended: episodes are not the reason
     trial.update(iterations=None, unscored_since=None)
     assert "No trial finished an iteration before the run stopped." in format_summary(summary)
+    summary["best"] = {"trial_id": "b", "return": 95.0, "env_steps": 100, "iterations": 32,
+                       "hyperparameters": {}, "checkpoint": None}
+    trial.update(error="ValueError: the env broke")
+    text = format_summary(summary)
+    assert "best trial   b: return 95.0, then it failed" in text
+    assert "checkpoint   none left in the trial folder" in text

@@ -248,3 +248,23 @@ def test_damaged_records_are_one_error_and_a_cut_last_line_is_dropped(tmp_path):
         info.write_text(text)
         with pytest.raises(ConfigError, match=re.escape(message)):
             read_json(info)
+
+
+def test_resume_without_the_trials_checkpoints_is_refused(tmp_path):
+    """Tune retried each trial from a checkpoint that was gone until all failed, and the
+    summary it then wrote made the folder unresumable for good."""
+    from rl_pbt.resume import load_resume
+
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "tuner.pkl").write_bytes(b"")
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"config": {"checkpoint": {"frequency": 4}}, "seed": 1}))
+    trial = tmp_path / "tune" / "PBTPPO_CartPole-v1_ab123_00000_0_lr=0.001"
+    trial.mkdir()
+    (tmp_path / TRIALS_FILE).write_text("".join(
+        json.dumps({"trial_id": "ab123_00000", "training_iteration": i, "return": 10.0 * i,
+                    "time_total_s": float(i)}) + "\n" for i in range(1, 9)))
+    with pytest.raises(ConfigError, match="the checkpoints of trial ab123_00000 are gone"):
+        load_resume(tmp_path)
+    (trial / "checkpoint_000001").mkdir()
+    assert load_resume(tmp_path)[1].last_iteration == {"ab123_00000": 8}
