@@ -274,7 +274,7 @@ def test_num_cpus_must_be_a_count(value, tmp_path):
     "time_this_iter_s", "iterations_since_restore", "num_training_step_calls_per_iteration"])
 def test_result_keys_rllib_reports_pass_the_metric_check(metric):
     """Keys of a real PPO result (Ray 2.60) and a callback's nested one are not refused."""
-    from rl_pbt.resolve import check_metric
+    from rl_pbt.metrics import check_metric
 
     assert check_metric(metric) == metric
 
