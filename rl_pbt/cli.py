@@ -132,6 +132,8 @@ def check_group_options(argv: list[str]) -> None:
     Only plain overrides and comma lists (sweeps) are checked; Hydra's richer override
     grammar is left to Hydra.
     """
+    if any(a.startswith(_OTHER_CONFIG) for a in argv):
+        return  # another config folder may add options (experiment=best): Hydra judges them
     for arg in argv:
         match = _SIMPLE_CHOICE.match(arg)
         if not match or not (CONF_DIR / match["group"]).is_dir():

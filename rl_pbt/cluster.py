@@ -60,6 +60,9 @@ class Concurrency:
     cluster_gpus: float
     population: int
     concurrent: int
+    #: Whether the scheduler pauses trials to let others train (PBT, PB2); ASHA, random search
+    #: and FIFO start a waiting trial only when one ends.
+    pauses: bool = True
 
     @property
     def take_turns(self) -> bool:
@@ -77,7 +80,9 @@ class Concurrency:
         )
         if self.take_turns:
             waiting = self.population - self.concurrent
-            return head + f"; the other {waiting} take turns (PBT pauses and resumes them)."
+            how = ("take turns (PBT pauses and resumes them)" if self.pauses else
+                   "start as others end")
+            return head + f"; the other {waiting} {how}."
         return head + "; none wait."
 
 
@@ -288,4 +293,5 @@ def concurrency(plan: Plan, trial: TrialResources) -> Concurrency:
     fit = int(cpus // trial.cpus) if trial.cpus else plan.population
     if trial.gpus:
         fit = min(fit, int(gpus // trial.gpus))
-    return Concurrency(trial, cpus, gpus, plan.population, max(1, min(fit, plan.population)))
+    return Concurrency(trial, cpus, gpus, plan.population, max(1, min(fit, plan.population)),
+                       pauses=plan.scheduler.name in ("pbt", "pb2"))

@@ -101,10 +101,23 @@ def hydra_info(output_dir: Path | None) -> dict[str, Any]:
                        if not k.startswith("hydra") and v is not None}
     overrides = list(hc.overrides.task)
     info["overrides"] = overrides
-    info["command"] = " ".join(["python -m rl_pbt", *overrides])
+    info["command"] = " ".join(["python -m rl_pbt", *_config_dir_args(sys.argv[1:]),
+                                *overrides])
     if hc.mode == RunMode.MULTIRUN:
         info["tags"] = {SWEEP_TAG: str(Path(hc.sweep.dir).resolve()), JOB_TAG: str(hc.job.num)}
     return info
+
+
+def _config_dir_args(argv: list[str]) -> list[str]:
+    """``--config-dir DIR`` (or ``-cd DIR``, ``--config-dir=DIR``) as given: a run composed
+    with an extra config folder (``experiment=best``) is reproduced only with it."""
+    out = []
+    for index, arg in enumerate(argv):
+        if arg.startswith("--config-dir=") or arg.startswith("-cd="):
+            out.append(arg)
+        elif arg in ("--config-dir", "-cd") and index + 1 < len(argv):
+            out += [arg, shlex.quote(str(Path(argv[index + 1]).resolve()))]
+    return out
 
 
 def execute(
@@ -186,7 +199,7 @@ def _execute(
     print(format_summary(summary), flush=True)
     if report:
         print(f"report       {report.markdown}", flush=True)
-    if summary.get("best"):
+    if (summary.get("best") or {}).get("checkpoint") and not every_trial_failed(summary):
         print(f"evaluate     python -m rl_pbt.evaluate {shlex.quote(str(plan.output_dir))} "
               "episodes=20", flush=True)
     return summary

@@ -45,7 +45,10 @@ def trial_rows(plan: Plan, results: Any, exploits: Mapping[str, int]) -> list[di
     records = RunRecords.load(plan.output_dir)
     finals = records.final_rows()
     rows = []
-    for trial_id in sorted(set(finals) | {t for t in errors if t}):
+    # A trial Tune made but never ran (a wall-time budget spent before its turn) has only
+    # Tune's result: it is listed too, so the population adds up.
+    made = {trial_id_of(r.path) for r in results if getattr(r, "path", None)}
+    for trial_id in sorted(set(finals) | {t for t in (*errors, *made) if t}):
         last = finals.get(trial_id, {})
         scored = records.last_scored(trial_id) or {}
         exploit = records.last_exploit(trial_id) if not scored else None
@@ -166,6 +169,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         status = f"  FAILED: {row['error']}" if row["error"] else ""
         if row.get("retries"):
             status = f", {row['retries']} retried failures" + status
+        if row["iterations"] is None and not row["error"]:
+            lines.append(f"  trial {row['trial_id']}: did not start before the run stopped")
+            continue
         lines.append(f"  trial {row['trial_id']}: return {score}, {row['iterations']} it, "
                      f"{row['exploits']} exploits{status}")
     tracking = summary.get("tracking")

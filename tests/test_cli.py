@@ -108,6 +108,18 @@ def test_a_new_run_in_an_old_run_folder_is_refused_before_hydra_writes(tmp_path)
     assert sorted(p.name for p in old.iterdir()) == ["run.json"]
 
 
+def test_an_option_from_another_config_folder_is_left_to_hydra(tmp_path):
+    """The README's best_experiment.yaml workflow: --config-dir DIR experiment=best (the
+    option is in DIR, not in conf/); the run's command keeps the folder."""
+    from rl_pbt.cli import check_group_options
+    from rl_pbt.run import _config_dir_args
+
+    check_group_options(["--config-dir", str(tmp_path), "experiment=best"])  # exits if refused
+    assert _config_dir_args(["--config-dir", str(tmp_path), "experiment=best", "seed=1"]) == [
+        "--config-dir", str(tmp_path)]
+    assert _config_dir_args(["-cd=conf2", "experiment=best"]) == ["-cd=conf2"]
+
+
 @pytest.mark.parametrize("args", GOOD_OVERRIDES)
 def test_known_keys_pass_the_key_check(args):
     check_override_keys(args)  # exits on a key it does not know

@@ -149,7 +149,8 @@ def markdown(
         "```",
         "",
         f"Train one agent with the best final hyperparameters, fixed: copy `{EXPERIMENT_FILE}` "
-        "to `conf/experiment/best.yaml` and run `python -m rl_pbt experiment=best`.",
+        "to `DIR/experiment/best.yaml` and run "
+        "`python -m rl_pbt --config-dir DIR experiment=best`.",
         "",
     ]
     return "\n".join(lines)
