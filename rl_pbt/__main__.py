@@ -93,7 +93,14 @@ def exit_without_teardown() -> NoReturn:
     os._exit(1 if _failed_runs else 0)
 
 
+def check_modes(argv: list[str]) -> None:
+    """Hydra takes one of --multirun and --cfg; both was its ValueError traceback."""
+    if {"-m", "--multirun"} & set(argv) and {"-c", "--cfg"} & set(argv):
+        fail(ConfigError("--cfg shows one job's config; drop -m and give one value per key"))
+
+
 if __name__ == "__main__":
+    check_modes(sys.argv[1:])
     check_group_options(sys.argv[1:])
     check_override_keys(sys.argv[1:])
     check_run_dir_argument(sys.argv[1:])

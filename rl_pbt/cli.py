@@ -276,7 +276,8 @@ def _check_key(tree: Any, keys: list[str], where: str, group: str | None = None,
             if close:
                 hint = f"did you mean {close[0]!r}?"
             elif swept_with_it:
-                hint = (f"{' and '.join(f'{group}={o}' for o in swept_with_it)} has it: sweep "
+                verb = "has" if len(swept_with_it) == 1 else "have"
+                hint = (f"{' and '.join(f'{group}={o}' for o in swept_with_it)} {verb} it: sweep "
                         f"{where} separately without it")
             else:
                 hint = f"it has {', '.join(known) or 'no keys'}"

@@ -150,6 +150,15 @@ def compare(tracking_uri: str, sweep: str | None = None, out: Path | None = None
     """
     from mlflow.tracking import MlflowClient
 
+    from rl_pbt.errors import ConfigError
+    from rl_pbt.plan import Tracking
+    from rl_pbt.tracking import check_run_store
+
+    try:  # a SQLite store that is not there would be made, empty; a dead server retried 250 s
+        check_run_store(Tracking("mlflow", tracking_uri, None),
+                        "give the store the sweep was tracked in (--tracking-uri)")
+    except ConfigError as err:
+        raise SystemExit(f"compare_schedulers: {err}") from None
     client = MlflowClient(tracking_uri=tracking_uri)
     experiments = experiment_ids(client)
     sweep = sweep or latest_sweep(client, experiments)

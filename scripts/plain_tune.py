@@ -7,6 +7,7 @@ the wall-clock time of the first trial result as JSON on its last line.
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import ray
@@ -25,6 +26,9 @@ class FirstResult(tune.Callback):
 
 
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     config = (
         PPOConfig()

@@ -254,9 +254,17 @@ def test_compare_tabulates_the_latest_sweep_from_logged_values(tmp_path):
     assert old_paths[0] == tmp_path / "out" / "compare_schedulers.md"
 
 
-def test_compare_without_a_sweep_is_one_line(tmp_path):
+def test_compare_without_a_sweep_or_a_store_is_one_line(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "mlflow.db"
+    with pytest.raises(SystemExit) as caught:  # no store: none is made
+        load_compare_script().compare(f"sqlite:///{store}")
+    assert f"the run's MLflow store {store} is gone" in str(caught.value)
+    assert not store.exists()
+    MlflowClient(f"sqlite:///{store}").search_experiments()  # a store without a sweep
     with pytest.raises(SystemExit) as caught:
-        load_compare_script().compare(f"sqlite:///{tmp_path}/mlflow.db")
+        load_compare_script().compare(f"sqlite:///{store}")
     assert "no run in" in str(caught.value) and "rl_pbt.sweep" in str(caught.value)
 
 
