@@ -92,7 +92,33 @@ def build_summary(
         "output_dir": str(plan.output_dir),
         "tracking": dict(tracking) if tracking else None,
         "seed": plan.seed,
+        "stopped_by": stopped_by(plan, rows, wall_time_s),
     }
+
+
+def stopped_by(plan: Plan, rows: list[dict[str, Any]], wall_time_s: float) -> str:
+    """What ended the run, from its rule and its trials' last records (the stopper's own state
+    stays in Tune): a target, the wall-time budget, the caps, or the scheduler."""
+    rule = plan.stop
+    if rows and all(row.get("error") for row in rows):
+        return "every trial failed"
+    if any(target_reached(row["return"], rule.target_return, rule.mode) for row in rows):
+        return (f"a trial reached the target {rule.target_return:g}" +
+                ("" if rule.stop_all_at_target else "; each trial stopped at its own"))
+    ran = [row for row in rows if row["iterations"] is not None and not row.get("error")]
+    if rule.max_iterations and ran and all(row["iterations"] >= rule.max_iterations
+                                           for row in ran):
+        return f"every trial reached its iteration cap ({rule.max_iterations})"
+    if rule.max_env_steps and ran and all((row["env_steps"] or 0) >= rule.max_env_steps
+                                          for row in ran):
+        return f"every trial spent its env-step budget ({rule.max_env_steps:g})"
+    # Checked after the caps: the command's wall time includes the start that the budget,
+    # counted from Tune's start, does not.
+    if rule.max_seconds is not None and wall_time_s >= rule.max_seconds:
+        return f"the wall-time budget of {rule.max_seconds:g} s ran out"
+    if plan.scheduler.name == "asha":
+        return "the trials' caps, and ASHA stopping the worse ones early"
+    return "each trial's own stop rule (iteration cap, target or env-step budget)"
 
 
 def every_trial_failed(summary: Mapping[str, Any]) -> str | None:
@@ -138,6 +164,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines = [f"== rl_pbt: {summary['name']} ==",
              f"wall time {summary['wall_time_s']:.0f} s, {summary['exploits']} exploits, "
              f"{len(summary['trials'])} trials"]
+    if summary.get("stopped_by"):
+        lines.append(f"stopped by   {summary['stopped_by']}")
     if best is None and not any(row["iterations"] for row in summary["trials"]):
         lines.append("No trial finished an iteration before the run stopped.")
     elif best is None:

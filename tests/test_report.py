@@ -139,3 +139,31 @@ def test_summary_says_why_a_trial_has_no_return():
     text = format_summary(summary)
     assert "best trial   b: return 95.0, then it failed" in text
     assert "checkpoint   none left in the trial folder" in text
+
+
+def test_the_summary_says_what_stopped_the_run():
+    """A wall-time budget, a target, the iteration caps or ASHA: the summary said only whether
+    the target was reached."""
+    from types import SimpleNamespace as NS
+
+    from rl_pbt.plan import StopRule
+    from rl_pbt.summary import stopped_by
+
+    def plan(scheduler="pbt", **rule):
+        stop = {"max_iterations": 50, "target_return": 450.0, "max_env_steps": None,
+                "max_seconds": None, "stop_all_at_target": True, **rule}
+        return NS(stop=StopRule("m", "max", **stop), scheduler=NS(name=scheduler))
+
+    def row(ret, iterations, steps=1000, error=None):
+        return {"return": ret, "iterations": iterations, "env_steps": steps, "error": error}
+
+    assert stopped_by(plan(), [row(460, 20), row(300, 19)], 30) == "a trial reached the target 450"
+    assert stopped_by(plan(max_seconds=8), [row(30, 3), row(20, 2)], 8.4) == \
+        "the wall-time budget of 8 s ran out"
+    assert stopped_by(plan(), [row(300, 50), row(200, 50)], 60) == \
+        "every trial reached its iteration cap (50)"
+    assert stopped_by(plan(max_env_steps=5000), [row(30, 3, 6015), row(20, 3, 6000)], 9) == \
+        "every trial spent its env-step budget (5000)"
+    assert stopped_by(plan("asha"), [row(30, 6), row(20, 1)], 9).startswith("the trials' caps")
+    assert stopped_by(plan(), [row(30, 6, error="E: x"), row(20, 1, error="E: y")], 9) == \
+        "every trial failed"
