@@ -167,3 +167,13 @@ def test_the_summary_says_what_stopped_the_run():
     assert stopped_by(plan("asha"), [row(30, 6), row(20, 1)], 9).startswith("the trials' caps")
     assert stopped_by(plan(), [row(30, 6, error="E: x"), row(20, 1, error="E: y")], 9) == \
         "every trial failed"
+
+
+def test_a_lineage_without_exploits_is_not_said_to_pass_through_them(run_dir):
+    """ASHA, random search, FIFO (or PBT without an exploit): one trial made the agent."""
+    text = write_report(run_dir).markdown.read_text()
+    assert "passed through these trials by PBT exploits" in text
+    (run_dir / "exploits.jsonl").write_text("")
+    text = write_report(run_dir).markdown.read_text()
+    assert "one trial, no exploit in its lineage" in text
+    assert "PBT exploits" not in text

@@ -118,7 +118,9 @@ def markdown(
         "## Winning schedule",
         "",
         "The hyperparameters the best agent was trained with, stretch by stretch (its weights "
-        "passed through these trials by PBT exploits).",
+        "passed through these trials by PBT exploits)." if len(segments) > 1 else
+        "The hyperparameters the best agent was trained with (one trial, no exploit in its "
+        "lineage).",
         "",
         "| from iteration | from env step | trained by | " + " | ".join(keys) + " |",
         "| --- | --- | --- | " + " | ".join("---" for _ in keys) + " |",
