@@ -40,6 +40,9 @@ NOISE = {
     # After a Ctrl-C: Tune's way back (``Tuner.restore(path=..., trainable=...)``) would lose
     # rl_pbt's records and tracking; rl_pbt's next line gives the command that keeps them.
     "ray.tune.tune": _Drop("Resume experiment with: Tuner.restore"),
+    # Tune's result tables, which rl_pbt does not read (its summary comes from its own
+    # records): a trial that never ran before a wall-time budget ran out has no result file.
+    "ray.tune.analysis.experiment_analysis": _Drop("Failed to fetch metrics for"),
 }
 
 

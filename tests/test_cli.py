@@ -181,6 +181,9 @@ KNOWN_NOISE = [
      "Experiment has been interrupted, but the most recent state was saved.\n"
      "Resume experiment with: Tuner.restore(path=\"/x/tune\", trainable=...)",
      "Total run time: 3.00 seconds (2.50 seconds for the tuning loop)."),
+    ("ray.tune.analysis.experiment_analysis",
+     "Failed to fetch metrics for 1 trial(s):\n- PPO_x_00002: FileNotFoundError(...)",
+     "another experiment analysis warning"),
 ]
 
 
