@@ -50,8 +50,8 @@ class ProgressPrinter(Callback):
     def on_exploit(self, event: ExploitEvent) -> None:
         changes = ", ".join(f"{k} {short(event.old.get(k))}->{short(v)}"
                             for k, v in event.new.items() if event.old.get(k) != v)
-        print(f"[pbt] {event.trial_id} cloned {event.source_id} at iteration "
-              f"{event.iteration}: {changes}", flush=True)
+        print(f"[pbt] {event.trial_id} cloned {event.source_id} (iteration "
+              f"{event.source_iteration}) at iteration {event.iteration}: {changes}", flush=True)
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         _print_failure(trial, f"retrying from its last checkpoint (failure {trial.num_failures})")

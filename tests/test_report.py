@@ -177,3 +177,16 @@ def test_a_lineage_without_exploits_is_not_said_to_pass_through_them(run_dir):
     text = write_report(run_dir).markdown.read_text()
     assert "one trial, no exploit in its lineage" in text
     assert "PBT exploits" not in text
+
+
+def test_the_exploit_line_names_the_clones_iteration(capsys):
+    """The clone's checkpoint can be older (PBT's save at its perturbation) or newer (a pruned
+    save's fallback) than the exploited trial's iteration: the line says which was copied."""
+    from rl_pbt.progress import ProgressPrinter
+    from rl_pbt.schedulers import ExploitEvent
+
+    ProgressPrinter("m", "max").on_exploit(ExploitEvent(
+        trial_id="b", source_id="a", iteration=20, source_iteration=12, old={"lr": 1e-4},
+        new={"lr": 1.2e-4}, wall_time=0.0))
+    assert capsys.readouterr().out == "[pbt] b cloned a (iteration 12) at iteration 20: " \
+        "lr 0.0001->0.00012\n"
