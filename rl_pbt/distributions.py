@@ -20,7 +20,7 @@ from typing import Any
 from ray import tune
 
 from rl_pbt.errors import ConfigError
-from rl_pbt.values import is_numeric
+from rl_pbt.values import finite
 
 
 class Distribution:
@@ -56,7 +56,7 @@ class Distribution:
 
 def _check_range(name: str, low: float, high: float, log: bool) -> None:
     for label, value in (("low", low), ("high", high)):
-        if not is_numeric(value) or not math.isfinite(value):
+        if finite(value) is None:
             raise ConfigError(f"{name}: {label} must be a finite number, got {value!r}")
     if low > high:
         raise ConfigError(f"{name}: low={low} is greater than high={high}; need low <= high")
@@ -196,8 +196,6 @@ def _plain_values(name: str, values: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(values)
 
 
-#: The classes a spec's ``_target_`` names, for the error about one that is not there.
-KINDS = ("Uniform", "LogUniform", "RandInt", "LogRandInt", "Choice")
 
 
 def as_distribution(spec: Any) -> Distribution:
@@ -210,3 +208,7 @@ def as_distribution(spec: Any) -> Distribution:
         f"expected a distribution spec (_target_: rl_pbt.distributions.Uniform, ...) "
         f"or a list, got {spec!r}"
     )
+
+
+#: The classes a spec's ``_target_`` may name (:class:`Grid` is what a plain list becomes).
+KINDS = (Uniform, LogUniform, RandInt, LogRandInt, Choice)

@@ -287,7 +287,7 @@ def _instantiation_reason(err: InstantiationException, spec: Mapping[str, Any]) 
         return f"{target}: {first_line(cause)}{takes}"
     why = ("Hydra never calls it" if "blocklisted" in str(err) else
            "no such class or function" if "Error locating target" in str(err) else first_line(err))
-    kinds = ", ".join(f"rl_pbt.distributions.{kind}" for kind in distributions.KINDS)
+    kinds = ", ".join(f"rl_pbt.distributions.{kind.__name__}" for kind in distributions.KINDS)
     return f"_target_: cannot call {target!r} ({why}); give one of {kinds}"
 
 
