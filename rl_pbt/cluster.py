@@ -20,6 +20,7 @@ from rl_pbt import local_ray
 from rl_pbt.algorithms import import_object
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import Plan, Resources
+from rl_pbt.scheduler_options import POPULATION_BASED
 from rl_pbt.values import first_line
 
 #: How this run got its Ray: started here, joined a running cluster, or kept this process's.
@@ -294,4 +295,4 @@ def concurrency(plan: Plan, trial: TrialResources) -> Concurrency:
     if trial.gpus:
         fit = min(fit, int(gpus // trial.gpus))
     return Concurrency(trial, cpus, gpus, plan.population, max(1, min(fit, plan.population)),
-                       pauses=plan.scheduler.name in ("pbt", "pb2"))
+                       pauses=plan.scheduler.name in POPULATION_BASED)

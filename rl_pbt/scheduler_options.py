@@ -28,6 +28,9 @@ SCHEDULER_OPTIONS = {"pbt": ("PBT", PBT_OPTIONS), "pb2": ("PB2", PB2_OPTIONS),
 #: Schedulers whose trials draw every mutated key once, whatever ``mutations.start`` says:
 #: their search is that draw.
 DRAW_ONCE = ("random", "asha")
+#: Population-based schedulers: they exploit (a trial takes another's checkpoint), so they need
+#: two trials, and pause trials to let others take their turn.
+POPULATION_BASED = ("pbt", "pb2")
 #: Modules PB2 imports beyond Ray, and the package that provides each.
 PB2_MODULES = {"sklearn": "scikit-learn"}
 #: Result keys that grow with training: PBT's clock.
@@ -54,7 +57,7 @@ def resolve_scheduler(
     options = {k: v for k, v in scheduler.items() if k != "name"}
     label, allowed = SCHEDULER_OPTIONS[name]
     _check_known_options(options, label, allowed)
-    if name in ("pbt", "pb2") and population < 2:
+    if name in POPULATION_BASED and population < 2:
         raise ConfigError(f"population: {label} needs at least 2 trials, got {population}")
     if name == "pb2":
         _check_pb2_ready(mutations or {})
