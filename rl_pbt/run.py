@@ -187,8 +187,9 @@ def _execute(
     except BaseException:
         _mark_killed(tracker)  # never leave the parent or a child run RUNNING
         raise
+    failed = every_trial_failed(summary)
     if tracker:
-        status = "FAILED" if every_trial_failed(summary) else "FINISHED"
+        status = "FAILED" if failed else "FINISHED"
         try:
             tracker.close(summary, status, artifacts=report.paths() if report else [])
         except Exception as err:  # the run trained and its folder holds everything
@@ -199,7 +200,7 @@ def _execute(
     print(format_summary(summary), flush=True)
     if report:
         print(f"report       {report.markdown}", flush=True)
-    if (summary.get("best") or {}).get("checkpoint") and not every_trial_failed(summary):
+    if (summary.get("best") or {}).get("checkpoint") and not failed:
         print(f"evaluate     python -m rl_pbt.evaluate {shlex.quote(str(plan.output_dir))} "
               "episodes=20", flush=True)
     return summary

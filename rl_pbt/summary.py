@@ -100,7 +100,7 @@ def stopped_by(plan: Plan, rows: list[dict[str, Any]], wall_time_s: float) -> st
     """What ended the run, from its rule and its trials' last records (the stopper's own state
     stays in Tune): a target, the wall-time budget, the caps, or the scheduler."""
     rule = plan.stop
-    if rows and all(row.get("error") for row in rows):
+    if _first_error_if_all_failed(rows):
         return "every trial failed"
     if any(target_reached(row["return"], rule.target_return, rule.mode) for row in rows):
         return (f"a trial reached the target {rule.target_return:g}" +
@@ -125,9 +125,12 @@ def every_trial_failed(summary: Mapping[str, Any]) -> str | None:
     """The first trial's error when every trial of the run ended in an error, else None: a
     failed command, however orderly its end (the summary still names the best checkpoint of
     any training before the errors)."""
-    trials = summary.get("trials") or []
-    if trials and all(t.get("error") for t in trials):
-        return str(trials[0]["error"])
+    return _first_error_if_all_failed(summary.get("trials") or [])
+
+
+def _first_error_if_all_failed(rows: list[Mapping[str, Any]]) -> str | None:
+    if rows and all(row.get("error") for row in rows):
+        return str(rows[0]["error"])
     return None
 
 
