@@ -200,17 +200,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     lines = text.splitlines()
     rows = []
     for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            row = json.loads(line) if line.strip() else None
+            row = json.loads(line)
         except json.JSONDecodeError as err:
             if number == len(lines) and not text.endswith("\n"):
                 break
             raise ConfigError(f"{path}: line {number} is damaged, not JSON ({err.msg})") from None
-        if row is not None and not isinstance(row, dict):
+        if not isinstance(row, dict):
             raise ConfigError(f"{path}: line {number} is damaged, a JSON "
                               f"{type(row).__name__} where rl_pbt wrote an object")
-        if row is not None:
-            rows.append(row)
+        rows.append(row)
     return rows
 
 
