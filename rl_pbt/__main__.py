@@ -15,6 +15,7 @@ from rl_pbt import local_ray
 from rl_pbt.cli import (
     CONF_DIR,
     check_group_options,
+    check_modes,
     check_override_keys,
     check_run_dir_argument,
     check_sweep_jobs,
@@ -91,12 +92,6 @@ def exit_without_teardown() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1 if _failed_runs else 0)
-
-
-def check_modes(argv: list[str]) -> None:
-    """Hydra takes one of --multirun and --cfg; both was its ValueError traceback."""
-    if {"-m", "--multirun"} & set(argv) and {"-c", "--cfg"} & set(argv):
-        fail(ConfigError("--cfg shows one job's config; drop -m and give one value per key"))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,17 @@ RUN_INFO = "run.json"
 _SIMPLE_CHOICE = re.compile(r"^[+~]?(?P<group>[A-Za-z_]+)=(?P<options>[\w.,-]*)$")
 
 
+def is_multirun(argv: list[str]) -> bool:
+    """Whether the command line asks Hydra for a sweep."""
+    return bool({"-m", "--multirun"} & set(argv))
+
+
+def check_modes(argv: list[str]) -> None:
+    """Hydra takes one of --multirun and --cfg; both was its ValueError traceback."""
+    if is_multirun(argv) and {"-c", "--cfg"} & set(argv):
+        fail(ConfigError("--cfg shows one job's config; drop -m and give one value per key"))
+
+
 def fail(err: ConfigError, exit_with: Callable[[int], NoReturn] = sys.exit) -> NoReturn:
     """Print one line and exit 2: the entry point's answer to bad input."""
     print(f"rl_pbt: error: {err}", file=sys.stderr)
@@ -113,8 +124,7 @@ def check_run_dir_argument(argv: list[str]) -> None:
     """:func:`check_new_run_dir` for ``hydra.run.dir=FOLDER`` on the command line, before
     Hydra writes its ``.hydra/`` over the old run's (a resume names its folder on purpose)."""
     given = dict(a.split("=", 1) for a in argv if a.startswith(("hydra.run.dir=", "resume=")))
-    sweep = {"-m", "--multirun"} & set(argv)
-    if given.get("hydra.run.dir") and not given.get("resume") and not sweep:
+    if given.get("hydra.run.dir") and not given.get("resume") and not is_multirun(argv):
         try:
             check_new_run_dir(Path(given["hydra.run.dir"]).expanduser())
         except ConfigError as err:
@@ -201,7 +211,7 @@ def check_sweep_jobs(argv: list[str]) -> None:
     expand as Hydra would (another sweeper or launcher, another primary config, a resume) or
     compose (Hydra's own errors) is left to the jobs.
     """
-    if not {"-m", "--multirun"} & set(argv):
+    if not is_multirun(argv):
         return
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith("hydra.")]
     if any(a.startswith(_OTHER_CONFIG) for a in argv) or any(

@@ -35,6 +35,8 @@ BAD_INPUT = [
     (["mutations.hyperparams.clip_param=[0.1,0.2]"], "mutations.hyperparams.clip_param: a "
      "mapping in mutations=narrow, not a list; to replace it with a list: "
      "~mutations.hyperparams.clip_param +mutations.hyperparams.clip_param=[0.1,0.2]"),
+    (["-m", "env=cartpole,acrobot", "--cfg", "job"],
+     "--cfg shows one job's config; drop -m and give one value per key"),
     (["resume="], "resume: no folder given; resume=RUN_DIR continues the run in RUN_DIR"),
     (["tracking.tracking_uri=mlruns"], "tracking.tracking_uri: 'mlruns' is a folder for MLflow's "
      "file store, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true; give "
