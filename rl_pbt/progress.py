@@ -1,7 +1,7 @@
 """A compact progress report while the population trains, in place of Tune's big tables.
 
-One line per exploit (who cloned whom, what changed) and, at most every ``every_s`` seconds, one
-line with the best trial so far and each trial's latest return.
+One line per exploit (who cloned whom, what changed), per trial ASHA stops early, and, at most
+every ``every_s`` seconds, one line with the best trial so far and each trial's latest return.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from rl_pbt.records import trial_error
-from rl_pbt.schedulers import ExploitEvent
+from rl_pbt.schedulers import EarlyStop, ExploitEvent
 from rl_pbt.stopping import result_value
 from rl_pbt.values import finite, short
 
@@ -52,6 +52,11 @@ class ProgressPrinter(Callback):
                             for k, v in event.new.items() if event.old.get(k) != v)
         print(f"[pbt] {event.trial_id} cloned {event.source_id} (iteration "
               f"{event.source_iteration}) at iteration {event.iteration}: {changes}", flush=True)
+
+    def on_early_stop(self, stop: EarlyStop) -> None:
+        score = "no return yet" if finite(stop.score) is None else f"return {stop.score:.1f}"
+        print(f"[asha] {stop.trial_id} stopped early at iteration {stop.iteration} ({score}: "
+              "not among the best at its rung)", flush=True)
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         _print_failure(trial, f"retrying from its last checkpoint (failure {trial.num_failures})")

@@ -19,7 +19,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from rl_pbt.errors import ConfigError
-from rl_pbt.schedulers import ExploitEvent
+from rl_pbt.schedulers import EarlyStop, ExploitEvent
 from rl_pbt.stopping import ENV_STEPS, result_value
 from rl_pbt.trainable import PROBE
 from rl_pbt.values import finite, first_line
@@ -27,6 +27,7 @@ from rl_pbt.values import finite, first_line
 TRIALS_FILE = "trials.jsonl"
 EXPLOITS_FILE = "exploits.jsonl"
 FAILURES_FILE = "failures.jsonl"
+EARLY_STOPS_FILE = "early_stops.jsonl"
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
 
 
@@ -95,6 +96,12 @@ class RunRecorder(Callback):
         recorded after the exploit and read as the first result of the clone.
         """
         self.pending.append(event)
+
+    def on_early_stop(self, stop: EarlyStop) -> None:
+        """A trial the scheduler (ASHA) stopped before its caps."""
+        self._append(EARLY_STOPS_FILE, {"trial_id": stop.trial_id, "iteration": stop.iteration,
+                                        "return": finite(stop.score),
+                                        "recorded_at": time.time()})
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         """A failed trial that Tune retries from its last checkpoint."""

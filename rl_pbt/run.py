@@ -155,6 +155,7 @@ def _execute(
     recorder = RunRecorder(plan.output_dir, plan.stop.metric, list(plan.mutations), repeats)
     progress = ProgressPrinter(plan.stop.metric, plan.stop.mode)
     scheduler.listeners += [repeats.on_exploit, recorder.on_exploit, progress.on_exploit]
+    scheduler.stop_listeners += [recorder.on_early_stop, progress.on_early_stop]
     tracking = _open_tracking(tracker, plan, scheduler, tags or {}, resumed)
     if resumed is None:  # with the tracking ids a resumed run needs to continue the same runs
         record = {"tracking": _tracking_record(plan, tracking)} if tracking else {}
@@ -290,6 +291,7 @@ def _open_tracking(
     saved = resumed.tracking if resumed else None
     parent = tracker.reopen(saved["parent_run_id"]) if saved else tracker.open(tags)
     scheduler.listeners.append(tracker.on_exploit)
+    scheduler.stop_listeners.append(tracker.on_early_stop)
     return {
         "tracking_uri": plan.tracking.tracking_uri,
         "experiment_name": plan.tracking.experiment_name,

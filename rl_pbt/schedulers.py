@@ -4,6 +4,7 @@ Ray's ``PopulationBasedTraining`` and ``PB2`` log exploits to text files only; t
 as they happen (which trial cloned which, at which iteration, old -> new values), so the
 subclasses here tell their listeners at every exploit. Schedulers that never exploit (FIFO,
 random search, ASHA) carry the same, always empty, listener list, so ``run`` treats all alike.
+ASHA tells its stop listeners of each trial it stops early, which Tune records only as ended.
 """
 
 from __future__ import annotations
@@ -42,12 +43,24 @@ class ExploitEvent:
     wall_time: float
 
 
+@dataclass(frozen=True)
+class EarlyStop:
+    """A trial the scheduler stopped before its caps (ASHA: not in the top 1/reduction_factor of
+    the trials that reached its rung)."""
+
+    trial_id: str
+    iteration: int
+    score: float | None
+
+
 class ExploitListeners:
-    """Mixin for any scheduler: the listeners that hear of exploits and the events so far."""
+    """Mixin for any scheduler: the listeners that hear of exploits (and of early stops) and
+    the exploits so far."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.listeners: list[Callable[[ExploitEvent], None]] = []
+        self.stop_listeners: list[Callable[[EarlyStop], None]] = []
         self.events: list[ExploitEvent] = []
 
     def report(self, event: ExploitEvent) -> None:
@@ -272,7 +285,21 @@ class RecordingPBT(RecordingExploits, PopulationBasedTraining):
 
 
 class RecordingASHA(ExploitListeners, AsyncHyperBandScheduler):
-    """ASHA: trials keep their first draw; the worse ones stop early at each rung."""
+    """ASHA: trials keep their first draw; the worse ones stop early at each rung, and the
+    stop listeners hear which (Tune ends them as it ends a trial at its cap)."""
+
+    _time_attr: str
+    _max_t: float
+    _metric: str
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and result.get(self._time_attr, self._max_t) < self._max_t:
+            stop = EarlyStop(trial.trial_id, int(result.get("training_iteration", 0)),
+                             result.get(self._metric))
+            for listener in self.stop_listeners:
+                listener(stop)
+        return action
 
 
 def pb2_bounds(mutations: Mapping[str, Distribution]) -> dict[str, list[float]]:

@@ -12,7 +12,7 @@ import yaml
 
 from rl_pbt.analysis.lineage import RunRecords, best_of
 from rl_pbt.plan import Plan
-from rl_pbt.records import FAILURES_FILE, read_jsonl, write_json
+from rl_pbt.records import EARLY_STOPS_FILE, FAILURES_FILE, read_jsonl, write_json
 from rl_pbt.stopping import target_reached
 from rl_pbt.values import finite, first_line, short
 
@@ -39,6 +39,8 @@ def trial_rows(plan: Plan, results: Any, exploits: Mapping[str, int]) -> list[di
     Only errors are taken from it, where rl_pbt's failure records have none.
     """
     failures = read_jsonl(plan.output_dir / FAILURES_FILE)
+    stopped_early = {s["trial_id"]: s["iteration"]
+                     for s in read_jsonl(plan.output_dir / EARLY_STOPS_FILE)}
     retries = Counter(f["trial_id"] for f in failures if f["retried"])
     errors = {trial_id_of(r.path): first_line(r.error) for r in results if r.error}
     errors.update({f["trial_id"]: f["error"] for f in failures if not f["retried"]})
@@ -63,6 +65,7 @@ def trial_rows(plan: Plan, results: Any, exploits: Mapping[str, int]) -> list[di
             "exploits": exploits.get(trial_id, 0),
             "retries": retries.get(trial_id, 0),
             "error": errors.get(trial_id),
+            "stopped_early_at": stopped_early.get(trial_id),
             "unscored_since": exploit and {"source_id": exploit["source_id"],
                                            "iteration": exploit["iteration"]},
         })
@@ -116,8 +119,10 @@ def stopped_by(plan: Plan, rows: list[dict[str, Any]], wall_time_s: float) -> st
     # counted from Tune's start, does not.
     if rule.max_seconds is not None and wall_time_s >= rule.max_seconds:
         return f"the wall-time budget of {rule.max_seconds:g} s ran out"
-    if plan.scheduler.name == "asha":
-        return "the trials' caps, and ASHA stopping the worse ones early"
+    early = sum(row.get("stopped_early_at") is not None for row in rows)
+    if early:
+        return (f"ASHA stopping {early} of {len(rows)} trials early; "
+                "the others ran to their caps")
     return "each trial's own stop rule (iteration cap, target or env-step budget)"
 
 
@@ -198,6 +203,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         if row["return"] is not None and row.get("return_iteration") != row["iterations"]:
             score += f" (at iteration {row['return_iteration']})"
         status = f"  FAILED: {row['error']}" if row["error"] else ""
+        if row.get("stopped_early_at") is not None and not row["error"]:
+            status = f", stopped early by ASHA at iteration {row['stopped_early_at']}"
         if row.get("retries"):
             status = f", {row['retries']} retried failures" + status
         if row["iterations"] is None and not row["error"]:

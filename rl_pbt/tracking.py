@@ -24,7 +24,7 @@ from ray.tune.experiment import Trial
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import Plan, Tracking
 from rl_pbt.records import TRIALS_FILE, read_jsonl, trained_values, trial_error
-from rl_pbt.schedulers import ExploitEvent
+from rl_pbt.schedulers import EarlyStop, ExploitEvent
 from rl_pbt.stopping import ENV_STEPS, result_value
 from rl_pbt.values import finite, first_line
 
@@ -338,6 +338,12 @@ class MlflowTracker(Callback):
         self.client.set_tag(run_id, f"rl_pbt.exploit.{count:03d}", line[:5000])
         self.client.log_metric(run_id, "pbt.exploits", count, step=self.steps[event.trial_id])
         self.client.log_dict(run_id, event.__dict__, f"exploits/{count:03d}.json")
+
+    def on_early_stop(self, stop: EarlyStop) -> None:
+        """Tag the trial's run: ASHA ended it before its caps (its status is FINISHED)."""
+        if stop.trial_id in self.children:
+            self.client.set_tag(self.children[stop.trial_id], "rl_pbt.stopped_early",
+                                f"by ASHA at iteration {stop.iteration}")
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         self._end(trial, "FINISHED")

@@ -154,8 +154,9 @@ def test_the_summary_says_what_stopped_the_run():
                 "max_seconds": None, "stop_all_at_target": True, **rule}
         return NS(stop=StopRule("m", "max", **stop), scheduler=NS(name=scheduler))
 
-    def row(ret, iterations, steps=1000, error=None):
-        return {"return": ret, "iterations": iterations, "env_steps": steps, "error": error}
+    def row(ret, iterations, steps=1000, error=None, stopped_early_at=None):
+        return {"return": ret, "iterations": iterations, "env_steps": steps, "error": error,
+                "stopped_early_at": stopped_early_at}
 
     assert stopped_by(plan(), [row(460, 20), row(300, 19)], 30) == "a trial reached the target 450"
     assert stopped_by(plan(max_seconds=8), [row(30, 3), row(20, 2)], 8.4) == \
@@ -164,7 +165,8 @@ def test_the_summary_says_what_stopped_the_run():
         "every trial reached its iteration cap (50)"
     assert stopped_by(plan(max_env_steps=5000), [row(30, 3, 6015), row(20, 3, 6000)], 9) == \
         "every trial spent its env-step budget (5000)"
-    assert stopped_by(plan("asha"), [row(30, 6), row(20, 1)], 9).startswith("the trials' caps")
+    assert stopped_by(plan("asha", max_iterations=6), [row(30, 6), row(20, 1, stopped_early_at=1)],
+                      9) == "ASHA stopping 1 of 2 trials early; the others ran to their caps"
     assert stopped_by(plan(), [row(30, 6, error="E: x"), row(20, 1, error="E: y")], 9) == \
         "every trial failed"
 
@@ -190,3 +192,22 @@ def test_the_exploit_line_names_the_clones_iteration(capsys):
         new={"lr": 1.2e-4}, wall_time=0.0))
     assert capsys.readouterr().out == "[pbt] b cloned a (iteration 12) at iteration 20: " \
         "lr 0.0001->0.00012\n"
+
+
+def test_a_trial_asha_stopped_early_says_so_in_the_summary(run_dir):
+    """The recorder's early stop reaches the trial's row and its summary line; a trial at its
+    cap says nothing of ASHA."""
+    from types import SimpleNamespace as NS
+
+    from rl_pbt.records import RunRecorder
+    from rl_pbt.schedulers import EarlyStop
+    from rl_pbt.summary import trial_rows
+
+    RunRecorder(run_dir, "m", ["lr"]).on_early_stop(EarlyStop("a", 4, float("nan")))
+    rows = {row["trial_id"]: row for row in trial_rows(NS(output_dir=run_dir), [], {})}
+    assert (rows["a"]["stopped_early_at"], rows["b"]["stopped_early_at"]) == (4, None)
+    summary = {"name": "x", "wall_time_s": 9.0, "exploits": 1, "trials": list(rows.values()),
+               "metric": "m", "mode": "max", "output_dir": "out", "best": None}
+    text = format_summary(summary)
+    assert "trial a: return 80.0, 4 it, 0 exploits, stopped early by ASHA at iteration 4" in text
+    assert "trial b: return 95.0, 4 it, 0 exploits\n" in text

@@ -406,3 +406,23 @@ def test_pb2_explores_from_a_clone_that_was_itself_a_copy():
     pb2.data = pd.concat([pb2.data, later]).reset_index(drop=True)
     picked, _ = pb2._get_new_config(a, b)  # b gained 20 over 2 iterations with 5e-4
     assert picked["lr"] != 5e-4 and 1e-4 <= picked["lr"] <= 1e-3
+
+
+def test_asha_tells_which_trials_it_stopped_early_and_not_those_at_the_cap():
+    """Tune ends a trial ASHA stops as it ends one at its cap; the stop listeners tell them
+    apart (the summary, the console and MLflow say which trials ASHA cut)."""
+    from types import SimpleNamespace as NS
+
+    from rl_pbt.schedulers import EarlyStop
+
+    scheduler = RecordingASHA(metric="m", mode="max", time_attr="training_iteration",
+                              max_t=2, grace_period=1, reduction_factor=2)
+    heard = []
+    scheduler.stop_listeners.append(heard.append)
+    a, b, c = (NS(trial_id=name) for name in "abc")
+    for trial in (a, b, c):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, a, {"training_iteration": 1, "m": 10.0}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, b, {"training_iteration": 1, "m": 5.0}) == "STOP"
+    assert scheduler.on_trial_result(None, a, {"training_iteration": 2, "m": 12.0}) == "STOP"
+    assert heard == [EarlyStop("b", 1, 5.0)]
