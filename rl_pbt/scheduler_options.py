@@ -14,7 +14,7 @@ from typing import Any
 from rl_pbt.distributions import Choice, Distribution
 from rl_pbt.errors import ConfigError
 from rl_pbt.plan import SchedulerSpec
-from rl_pbt.values import finite
+from rl_pbt.values import finite, first_line
 
 SCHEDULERS = ("pbt", "pb2", "asha", "random", "fifo")
 PBT_OPTIONS = ("time_attr", "perturbation_interval", "burn_in_period", "quantile_fraction",
@@ -119,6 +119,20 @@ def _check_pb2_ready(mutations: Mapping[str, Distribution]) -> None:
     if missing:
         raise ConfigError(
             f"scheduler=pb2 needs {' and '.join(missing)}: pip install -e \".[pb2]\"")
+    for module, package in PB2_MODULES.items():
+        _check_imports(module, package)
+
+
+def _check_imports(module: str, package: str) -> None:
+    """An installed package that fails to import (a numpy it was not built for, a half-removed
+    install) would end the run in a traceback where Ray builds PB2: one line here instead."""
+    try:
+        importlib.import_module(module)
+    except Exception as err:  # ImportError, or whatever its __init__ raises
+        raise ConfigError(
+            f"scheduler=pb2: {package} is installed but does not import "
+            f"({type(err).__name__}: {first_line(err)}); "
+            f"reinstall it: pip install --force-reinstall {package}") from None
 
 
 def _check_asha(options: dict[str, Any]) -> None:

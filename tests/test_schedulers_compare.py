@@ -96,6 +96,20 @@ def test_pb2_without_scikit_learn_says_how_to_install(tmp_path, monkeypatch):
     assert str(caught.value) == 'scheduler=pb2 needs scikit-learn: pip install -e ".[pb2]"'
 
 
+def test_pb2_with_a_broken_scikit_learn_is_one_line(tmp_path, monkeypatch):
+    """Installed but failing to import (here: its __init__ raises) was a traceback in Ray's PB2."""
+    broken = tmp_path / "pkgs" / "broken_sklearn_rl_pbt"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('numpy.core.multiarray failed')\n")
+    monkeypatch.syspath_prepend(str(broken.parent))
+    monkeypatch.setattr(scheduler_options, "PB2_MODULES", {broken.name: "scikit-learn"})
+    with pytest.raises(ConfigError) as caught:
+        plan_for(["scheduler=pb2"], tmp_path)
+    assert str(caught.value) == (
+        "scheduler=pb2: scikit-learn is installed but does not import (ImportError: "
+        "numpy.core.multiarray failed); reinstall it: pip install --force-reinstall scikit-learn")
+
+
 @pytest.mark.parametrize("name", ["random", "asha"])
 def test_random_and_asha_draw_every_mutated_key_even_from_start_config(name, tmp_path):
     """With ``start: config`` fifo keeps algorithm.config's lr; random search draws it."""
