@@ -253,6 +253,50 @@ def test_a_crash_mid_run_leaves_no_mlflow_run_running(plan, ray_session, monkeyp
     assert {r.info.status for r in runs} == {"KILLED"}
 
 
+def test_mlflow_refusing_the_last_records_warns_and_keeps_the_summary(plan, ray_session,
+                                                                    monkeypatch, capsys):
+    """The run trained and its folder holds everything: MLflow failing at the end is a warning,
+    the runs end KILLED (none RUNNING) and the summary is written and printed."""
+    from mlflow.exceptions import MlflowException
+
+    from rl_pbt import run as running
+    from rl_pbt.records import RunRecorder
+
+    class OneResultTuner:
+        def __init__(self, callbacks):
+            self.callbacks = callbacks
+
+        def fit(self):
+            trial = StandInTrial("a", {"lr": 1e-4})
+            for callback in self.callbacks:
+                if isinstance(callback, MlflowTracker):
+                    callback.on_trial_start(0, [trial], trial)
+                if isinstance(callback, (MlflowTracker, RunRecorder)):
+                    callback.on_trial_result(0, [trial], trial, _result(1, 10.0))
+            return []
+
+    close = MlflowTracker.close
+
+    def refusing_close(self, summary, status="FINISHED", artifacts=()):
+        if status != "KILLED":
+            raise MlflowException("database is locked")
+        close(self, summary, status, artifacts)
+
+    monkeypatch.setattr(running, "make_tuner", lambda plan, scheduler, cbs: OneResultTuner(cbs))
+    monkeypatch.setattr(MlflowTracker, "close", refusing_close)
+    summary = running.execute(plan)
+    out, err = capsys.readouterr()
+    assert "rl_pbt: warning: MLflow refused the run's last records (database is locked); its " \
+           "runs are marked KILLED; the run folder has them all" in err
+    assert "Traceback" not in out + err
+    assert f"run folder   {plan.output_dir}" in out
+    assert json.loads((plan.output_dir / "summary.json").read_text())["best"]["return"] == 10.0
+    assert summary["best"]["trial_id"] == "a"
+    client = MlflowClient(plan.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
+    assert {r.info.status for r in runs} == {"KILLED"} and len(runs) == 2
+
+
 def test_a_mutated_batch_size_is_recorded_from_rllibs_config_dict(plan, tmp_path):
     """RLlib keeps ``train_batch_size_per_learner`` as ``_train_batch_size_per_learner`` in the
     config dict a result carries (mutations=wide mutates it): recorded, not None."""
