@@ -220,6 +220,25 @@ def test_reachable_server_passes(mlflow_server):
     check_reachable(Tracking("mlflow", mlflow_server, "x"))
 
 
+class OneResultTuner:
+    """Stands in for Tune's Tuner in ``execute``: trial a reports one result to the tracker
+    and the recorder, then fit ends with no result grid."""
+
+    def __init__(self, callbacks):
+        self.callbacks = callbacks
+
+    def fit(self):
+        from rl_pbt.records import RunRecorder
+
+        trial = StandInTrial("a", {"lr": 1e-4})
+        for callback in self.callbacks:
+            if isinstance(callback, MlflowTracker):
+                callback.on_trial_start(0, [trial], trial)
+            if isinstance(callback, (MlflowTracker, RunRecorder)):
+                callback.on_trial_result(0, [trial], trial, _result(1, 10.0))
+        return []
+
+
 def test_a_crash_mid_run_leaves_no_mlflow_run_running(plan, ray_session, monkeypatch):
     """The driver fails while trials train: the parent and the started child end KILLED, even
     when queued metrics fail to write as well."""
@@ -231,17 +250,11 @@ def test_a_crash_mid_run_leaves_no_mlflow_run_running(plan, ray_session, monkeyp
         def wait(self):
             raise MlflowException("database is locked")
 
-    class CrashingTuner:
-        def __init__(self, callbacks):
-            self.callbacks = callbacks
-
+    class CrashingTuner(OneResultTuner):
         def fit(self):
-            trial = StandInTrial("a", {"lr": 1e-4})
-            for callback in self.callbacks:
-                if isinstance(callback, MlflowTracker):
-                    callback.on_trial_start(0, [trial], trial)
-                    callback.on_trial_result(0, [trial], trial, _result(1, 10.0))
-                    callback.queued.append(FailedWrite())
+            super().fit()
+            next(c for c in self.callbacks if isinstance(c, MlflowTracker)).queued.append(
+                FailedWrite())
             raise RuntimeError("the driver crashed")
 
     monkeypatch.setattr(running, "make_tuner", lambda plan, scheduler, cbs: CrashingTuner(cbs))
@@ -260,20 +273,6 @@ def test_mlflow_refusing_the_last_records_warns_and_keeps_the_summary(plan, ray_
     from mlflow.exceptions import MlflowException
 
     from rl_pbt import run as running
-    from rl_pbt.records import RunRecorder
-
-    class OneResultTuner:
-        def __init__(self, callbacks):
-            self.callbacks = callbacks
-
-        def fit(self):
-            trial = StandInTrial("a", {"lr": 1e-4})
-            for callback in self.callbacks:
-                if isinstance(callback, MlflowTracker):
-                    callback.on_trial_start(0, [trial], trial)
-                if isinstance(callback, (MlflowTracker, RunRecorder)):
-                    callback.on_trial_result(0, [trial], trial, _result(1, 10.0))
-            return []
 
     close = MlflowTracker.close
 
