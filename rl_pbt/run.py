@@ -109,12 +109,14 @@ def hydra_info(output_dir: Path | None) -> dict[str, Any]:
 
 
 def _config_dir_args(argv: list[str]) -> list[str]:
-    """``--config-dir DIR`` (or ``-cd DIR``, ``--config-dir=DIR``) as given: a run composed
-    with an extra config folder (``experiment=best``) is reproduced only with it."""
+    """``--config-dir DIR`` (or ``-cd DIR``, ``--config-dir=DIR``) with DIR made absolute: a run
+    composed with an extra config folder (``experiment=best``) is reproduced only with it, from
+    whatever folder the command is run again."""
     out = []
     for index, arg in enumerate(argv):
-        if arg.startswith("--config-dir=") or arg.startswith("-cd="):
-            out.append(arg)
+        flag, equals, folder = arg.partition("=")
+        if flag in ("--config-dir", "-cd") and equals:
+            out.append(f"{flag}={shlex.quote(str(Path(folder).resolve()))}")
         elif arg in ("--config-dir", "-cd") and index + 1 < len(argv):
             out += [arg, shlex.quote(str(Path(argv[index + 1]).resolve()))]
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+from pathlib import Path
 
 import pytest
 from conftest import TINY, run_cli
@@ -119,7 +120,8 @@ def test_an_option_from_another_config_folder_is_left_to_hydra(tmp_path):
     check_group_options(["--config-dir", str(tmp_path), "experiment=best"])  # exits if refused
     assert _config_dir_args(["--config-dir", str(tmp_path), "experiment=best", "seed=1"]) == [
         "--config-dir", str(tmp_path)]
-    assert _config_dir_args(["-cd=conf2", "experiment=best"]) == ["-cd=conf2"]
+    assert _config_dir_args(["-cd=conf2", "experiment=best"]) == [
+        f"-cd={Path('conf2').resolve()}"]
 
 
 @pytest.mark.parametrize("args", GOOD_OVERRIDES)
