@@ -67,6 +67,17 @@ def _free_port_range(count: int, taken: set[int]) -> int:
     raise RuntimeError(f"no {count} consecutive free ports found")
 
 
+def _free_ports_besides(count: int, taken: set[int]) -> list[int]:
+    """``free_ports`` that are none of ``taken``: a port drawn earlier is closed again until
+    Ray binds it, and the kernel gave the head's GCS port out a second time (CI, test_cluster:
+    'dashboard_agent_grpc is trying to use a port number ... used by other components')."""
+    for _ in range(100):
+        ports = free_ports(count)
+        if not set(ports) & taken:
+            return ports
+    raise RuntimeError(f"no {count} free ports besides {sorted(taken)}")
+
+
 def _node_flags(taken: set[int], head: bool = False) -> list[str]:
     """``ray start`` flags that pin every port a node listens on to a free one.
 
@@ -75,7 +86,7 @@ def _node_flags(taken: set[int], head: bool = False) -> list[str]:
     flags = list(NODE_PORT_FLAGS)
     if head and importlib.util.find_spec("grpc") is not None:
         flags.append("ray-client-server-port")
-    ports = dict(zip(flags, free_ports(len(flags)), strict=True))
+    ports = dict(zip(flags, _free_ports_besides(len(flags), taken), strict=True))
     first = _free_port_range(WORKER_PORTS, taken | set(ports.values()))
     taken.update(ports.values(), range(first, first + WORKER_PORTS))
     return [*(f"--{flag}={port}" for flag, port in ports.items()),
