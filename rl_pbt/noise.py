@@ -8,6 +8,10 @@ is quieted) reports the result.json sync gap that ``rl_pbt.records`` works aroun
 from __future__ import annotations
 
 import logging
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class _Drop(logging.Filter):
@@ -44,6 +48,24 @@ NOISE = {
     # records): a trial that never ran before a wall-time budget ran out has no result file.
     "ray.tune.analysis.experiment_analysis": _Drop("Failed to fetch metrics for"),
 }
+
+
+#: Python warnings of Tune's that rl_pbt's own code answers, ignored during its ``fit`` only.
+HANDLED_WARNINGS = (
+    # PBT with checkpoint.num_to_keep <= 2 (at every run that sets it): a handed-over
+    # checkpoint could be pruned before the exploited trial restores it. rl_pbt copies it into
+    # that trial's folder at the exploit, or hands over the clone's newest (rl_pbt.handover).
+    "Using `CheckpointConfig.num_to_keep <= 2` with PBT",
+)
+
+
+@contextmanager
+def handled_warnings() -> Iterator[None]:
+    """Ignore :data:`HANDLED_WARNINGS` inside the block; every other warning still shows."""
+    with warnings.catch_warnings():
+        for fragment in HANDLED_WARNINGS:
+            warnings.filterwarnings("ignore", message=re.escape(fragment))
+        yield
 
 
 def quiet_known_noise() -> None:

@@ -25,7 +25,7 @@ from rl_pbt.algorithms import import_object
 from rl_pbt.cli import RUN_INFO, check_new_run_dir, discard_empty_output_dir
 from rl_pbt.cluster import environ_default
 from rl_pbt.errors import ConfigError, Interrupted
-from rl_pbt.noise import quiet_known_noise
+from rl_pbt.noise import handled_warnings, quiet_known_noise
 from rl_pbt.plan import Plan, Tracking
 from rl_pbt.progress import ProgressPrinter
 from rl_pbt.records import EXPLOITS_FILE, RunRecorder, read_jsonl, write_json
@@ -220,11 +220,13 @@ def tune_settings() -> Iterator[None]:
     perturbation, so with ``checkpoint.num_to_keep`` Tune snapshots the experiment state (what
     a resume reads) every few seconds, and warns of a bottleneck when two come within 5 s:
     measured 45 ms per snapshot into the run folder (9 in a 30 s default run, 0.4 s of the
-    driver's time), so that warning is off.
+    driver's time), so that warning is off, as is PBT's warning on ``num_to_keep <= 2``
+    (:data:`rl_pbt.noise.HANDLED_WARNINGS`).
     """
     with environ_default("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1"), \
             environ_default("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"), \
-            environ_default("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0"):
+            environ_default("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0"), \
+            handled_warnings():
         yield
 
 

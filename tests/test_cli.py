@@ -191,6 +191,23 @@ KNOWN_NOISE = [
 ]
 
 
+def test_pbts_num_to_keep_warning_is_handled_and_other_warnings_show():
+    """rl_pbt copies every handed-over checkpoint, so PBT's advice to raise num_to_keep is
+    dropped inside the run's fit; other warnings, and the same one outside, still show."""
+    import warnings
+
+    from rl_pbt.run import tune_settings
+
+    text = "Using `CheckpointConfig.num_to_keep <= 2` with PBT can lead to restoration problems"
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with tune_settings():
+            warnings.warn(text, stacklevel=1)
+            warnings.warn("another warning", stacklevel=1)
+        warnings.warn(text, stacklevel=1)
+    assert [str(w.message) for w in shown] == ["another warning", text]
+
+
 def test_known_noise_is_dropped_and_other_warnings_pass():
     """RLlib's new-API-stack notice, PBT's 20 KB "Cannot find metric" dump, RLlib's notice
     about its own checkpoints, Ray's "token authentication is enabled" and Tune's
