@@ -110,6 +110,7 @@ def translate_keys(config: Mapping[str, Any], config_class: str, where: str) -> 
     """
     known = valid_keys(config_class)
     out: dict[str, Any] = {}
+    written: dict[str, str] = {}  # today's key -> the name it was written as
     for key, value in config.items():
         new_key = OLD_NAMES.get(key, key)
         if key in SPELLINGS:
@@ -119,9 +120,26 @@ def translate_keys(config: Mapping[str, Any], config_class: str, where: str) -> 
         if new_key not in known or new_key in MANAGED_KEYS:
             raise ConfigError(unknown_key_message(where, key, known - MANAGED_KEYS))
         if new_key in out:
-            raise ConfigError(f"{where}: {key} and {new_key} both set; keep only {new_key}")
-        out[new_key] = value
+            key, value = _old_name_wins(where, new_key, (written[new_key], out[new_key]),
+                                        (key, value))
+        out[new_key], written[new_key] = value, key
     return out
+
+
+def _old_name_wins(where: str, new_key: str, first: tuple[str, Any],
+                   second: tuple[str, Any]) -> tuple[str, Any]:
+    """A key set under another name (an old name, or a spelling such as ``lambda_``) and its
+    dict-form name: the other name and its value, which a user adds
+    (``+algorithm.config.num_sgd_iter=5``) over the YAML's key, as the guide wrote it. Two
+    other names of one key are an error."""
+    old = [pair for pair in (first, second) if pair[0] in OLD_NAMES or pair[0] in SPELLINGS]
+    if len(old) != 1:
+        raise ConfigError(f"{where}: {first[0]} and {second[0]} both set; keep only {new_key}")
+    kept = old[0]
+    replaced = second if kept is first else first
+    if replaced[1] != kept[1]:
+        log.warning("%s: %s=%r replaces %s=%r", where, kept[0], kept[1], new_key, replaced[1])
+    return kept
 
 
 #: Keys whose number may also be a schedule, ``[[timestep, value], ...]`` (RLlib checks its form).

@@ -224,6 +224,7 @@ def resolve_algorithm_config(
     resources = translate_keys(plain["resources"].get("config") or {}, algorithm.config_class,
                                "resources.config")
     check_values(resources, algorithm.config_class, "resources.config")
+    _check_no_conflict(config, resources)
     fixed: dict[str, Any] = {**config, **resources}
     model = {**(fixed.pop("_model_config", None) or {}), **(plain["env"].get("model_config") or {})}
     _check_layer_sizes(model)
@@ -240,6 +241,17 @@ def resolve_algorithm_config(
             initial[key] = _instantiate(value, f"algorithm.config.{key}")
             del fixed[key]
     return fixed, initial
+
+
+def _check_no_conflict(config: Mapping[str, Any], resources: Mapping[str, Any]) -> None:
+    """A key in both algorithm.config and resources.config with different values: resources
+    (how trials run on this machine) would win without a word, so ask for it there."""
+    for key, value in resources.items():
+        if key in config and config[key] != value:
+            raise ConfigError(
+                f"algorithm.config.{key}={config[key]!r} conflicts with resources.config.{key}="
+                f"{value!r}, which sets how trials run on the machine; set "
+                f"resources.config.{key}={config[key]!r} instead")
 
 
 def resolve_mutations(mutations: Mapping[str, Any], algorithm: AlgorithmSpec) -> dict[str, Any]:
