@@ -336,8 +336,14 @@ def resolve_stop(plain: Mapping[str, Any], env: EnvSpec) -> StopRule:
     target = stop.get("target_return")
     if target is not None and not is_number(target):
         raise ConfigError(f"stopper.target_return: must be a number or null, got {target!r}")
+    metric = check_metric(plain["metric"])
+    evaluation = (plain["algorithm"].get("config") or {}).get("evaluation_interval")
+    if metric.startswith("evaluation/") and not evaluation:
+        raise ConfigError(f"metric: {metric!r} is reported only when RLlib evaluates; add "
+                          "+algorithm.config.evaluation_interval=N (every N iterations), or "
+                          "rank by env_runners/episode_return_mean")
     return StopRule(
-        metric=check_metric(plain["metric"]),
+        metric=metric,
         mode=mode,
         max_iterations=stop.get("max_iterations"),
         target_return=target,

@@ -150,6 +150,11 @@ def markdown(
         reproduce_command(info),
         "```",
         "",
+        "The seed fixes the initial draws and the random stream of PBT's choices; which trial "
+        "reaches its perturbation first depends on the machine's timing, so a second run's "
+        "exploits (and the results after them) can differ. `replay` trains the winning "
+        "schedule again on fresh seeds.",
+        "",
         f"Train one agent with the best final hyperparameters, fixed: copy `{EXPERIMENT_FILE}` "
         "to `DIR/experiment/best.yaml` and run "
         "`python -m rl_pbt --config-dir DIR experiment=best`.",
