@@ -7,6 +7,7 @@ before Ray or MLflow is touched, so that bad input ends in one
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,9 +30,11 @@ from rl_pbt.distributions import Distribution, as_distribution
 from rl_pbt.envs import make_from_entry_point
 from rl_pbt.errors import ConfigError
 from rl_pbt.metrics import check_metric
-from rl_pbt.plan import EnvSpec, Plan, Resources, StopRule, Tracking
-from rl_pbt.scheduler_options import DRAW_ONCE, is_number, resolve_scheduler
+from rl_pbt.plan import EnvSpec, Plan, Resources, SchedulerSpec, StopRule, Tracking
+from rl_pbt.scheduler_options import DRAW_ONCE, POPULATION_BASED, is_number, resolve_scheduler
 from rl_pbt.values import first_line, is_count, is_numeric
+
+log = logging.getLogger(__name__)
 
 GROUPS = ("env", "algorithm", "mutations", "scheduler", "stopper", "resources", "tracking")
 #: ``azureml`` is MLflow on an AzureML job's workspace (URI from the job's environment).
@@ -69,8 +72,10 @@ def resolve(
     population = _positive_int(plain, "population")
     scheduler = resolve_scheduler(plain["scheduler"], population, mutations)
     param_space = {**fixed, **{key: dist.to_tune() for key, dist in initial.items()}}
-    draw_all = plain["mutations"].get("start", "sample") == "sample" or (
-        scheduler.name in DRAW_ONCE)
+    # fifo keeps the configured values ('each trial keeps its configured values'); random
+    # search and ASHA draw every mutated key; PBT draws when mutations.start=sample.
+    draw_all = scheduler.name != "fifo" and (
+        plain["mutations"].get("start", "sample") == "sample" or scheduler.name in DRAW_ONCE)
     for key, dist in mutations.items():
         if draw_all or key not in param_space:
             param_space[key] = dist.to_tune()
@@ -83,6 +88,8 @@ def resolve(
     )
     seed = plain.get("seed")
     seed = random.randrange(2**31) if seed is None else _positive_int(plain, "seed", minimum=0)
+    stop = resolve_stop(plain, env)
+    _check_pbt_can_act(scheduler, stop)
     return Plan(
         name=f"{algorithm.name}-{env.id}",
         algorithm=algorithm,
@@ -91,7 +98,7 @@ def resolve(
         initial_config=_first_draw(param_space),
         mutations=mutations,
         scheduler=scheduler,
-        stop=resolve_stop(plain, env),
+        stop=stop,
         resources=resolve_resources(plain["resources"]),
         tracking=resolve_tracking(plain["tracking"], launch_dir or Path.cwd()),
         population=population,
@@ -333,15 +340,22 @@ def resolve_stop(plain: Mapping[str, Any], env: EnvSpec) -> StopRule:
         value = stop.get(key)
         if value is not None and (not is_number(value) or value <= 0):
             raise ConfigError(f"stopper.{key}: must be a positive number or null, got {value!r}")
+    if stop.get("max_iterations") is not None and not is_count(stop["max_iterations"]):
+        raise ConfigError(f"stopper.max_iterations: must be an integer >= 1 or null, got "
+                          f"{stop['max_iterations']!r}")
     target = stop.get("target_return")
     if target is not None and not is_number(target):
         raise ConfigError(f"stopper.target_return: must be a number or null, got {target!r}")
+    if all(stop.get(key) is None for key in STOP_KEYS):
+        raise ConfigError(f"stopper: no stop rule ({', '.join(STOP_KEYS)} are all null), the "
+                          "trials would train forever; set one, e.g. stopper.max_iterations=50")
     metric = check_metric(plain["metric"])
     evaluation = (plain["algorithm"].get("config") or {}).get("evaluation_interval")
     if metric.startswith("evaluation/") and not evaluation:
         raise ConfigError(f"metric: {metric!r} is reported only when RLlib evaluates; add "
                           "+algorithm.config.evaluation_interval=N (every N iterations), or "
                           "rank by env_runners/episode_return_mean")
+    _check_target_metric(plain, target)
     return StopRule(
         metric=metric,
         mode=mode,
@@ -351,6 +365,39 @@ def resolve_stop(plain: Mapping[str, Any], env: EnvSpec) -> StopRule:
         max_seconds=stop.get("max_seconds"),
         stop_all_at_target=_flag(stop, "stop_all_at_target", "stopper."),
     )
+
+
+def _check_pbt_can_act(scheduler: SchedulerSpec, stop: StopRule) -> None:
+    """Warn when PBT's or PB2's first perturbation comes at or after the iteration cap: it
+    never exploits, and the run is random search under PBT's name (a smoke test of a few
+    iterations may mean that, so it is a warning, not an error)."""
+    options = scheduler.options
+    if (scheduler.name not in POPULATION_BASED or stop.max_iterations is None
+            or options.get("time_attr") != "training_iteration"):
+        return
+    for key in ("perturbation_interval", "burn_in_period"):
+        value = options.get(key) or 0
+        if value >= stop.max_iterations:
+            log.warning("scheduler.%s=%g is not below stopper.max_iterations=%d: PBT cannot "
+                        "exploit in this run; set it below %d for PBT to act", key, value,
+                        stop.max_iterations, stop.max_iterations)
+            return
+
+
+#: The stopper's rules; at least one must be set.
+STOP_KEYS = ("max_iterations", "target_return", "max_env_steps", "max_seconds")
+
+
+def _check_target_metric(plain: Mapping[str, Any], target: Any) -> None:
+    """The env option's return target, kept while the metric is not a return: the target was
+    met or missed by a number of another kind (a 450-step target on episode length with
+    mode=min stopped every trial at its first iteration, 'return 18.6 (target 450: reached)')."""
+    env_target = plain["env"].get("target_return")
+    if target is None or target != env_target or "return" in str(plain["metric"]):
+        return
+    raise ConfigError(f"stopper.target_return: {target:g} is the env's return target, but "
+                      f"metric={plain['metric']} is not a return; set stopper.target_return "
+                      "for that metric, or stopper.target_return=null")
 
 
 def resolve_resources(resources: Mapping[str, Any]) -> Resources:

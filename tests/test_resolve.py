@@ -163,6 +163,15 @@ def test_relative_sqlite_uri_is_anchored_at_the_launch_dir(tmp_path):
          "metric: 'env_runners/episode_retrun_mean' is not a key RLlib's env runners report; "
          "did you mean 'env_runners/episode_return_mean'"),
         (["metric=env_runners/episode_return_avg"], "did you mean 'env_runners/episode_return_"),
+        (["stopper.max_iterations=null", "stopper.target_return=null"],
+         "stopper: no stop rule (max_iterations, target_return, max_env_steps, max_seconds are "
+         "all null), the trials would train forever; set one, e.g. stopper.max_iterations=50"),
+        (["stopper.max_iterations=2.5"],
+         "stopper.max_iterations: must be an integer >= 1 or null, got 2.5"),
+        (["metric=env_runners/episode_len_mean", "mode=min"],
+         "stopper.target_return: 450 is the env's return target, but "
+         "metric=env_runners/episode_len_mean is not a return; set stopper.target_return for "
+         "that metric, or stopper.target_return=null"),
         (["metric=evaluation/env_runners/episode_return_mean"],
          "metric: 'evaluation/env_runners/episode_return_mean' is reported only when RLlib "
          "evaluates; add +algorithm.config.evaluation_interval=N"),
@@ -301,3 +310,22 @@ def test_file_store_uris_are_told_apart(uri, file_store, monkeypatch):
     assert _file_store(uri) is file_store
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's opt-out: its choice
     assert _file_store(uri) is False
+
+
+def test_pbt_that_cannot_perturb_before_the_cap_is_a_warning(tmp_path, caplog):
+    """perturbation_interval (or burn_in_period) at or past max_iterations: random search
+    under PBT's name; a smoke test may mean it, so the run goes on, with a warning."""
+    plan_for(["stopper.max_iterations=5"], tmp_path)
+    assert "PBT cannot exploit" not in caplog.text
+    plan_for(["stopper.max_iterations=4"], tmp_path)  # the cap stops the trial first
+    assert ("scheduler.perturbation_interval=4 is not below stopper.max_iterations=4: PBT "
+            "cannot exploit in this run") in caplog.text
+
+
+def test_fifo_trains_the_configured_values_not_draws(tmp_path):
+    """'fifo: each trial keeps its configured values' (README); with mutations.start=sample it
+    drew them, as random search does."""
+    plan = plan_for(["scheduler=fifo", "algorithm.config.lr=0.002",
+                    "algorithm.config.num_epochs=2"], tmp_path)
+    assert (plan.param_space["lr"], plan.param_space["num_epochs"]) == (0.002, 2)
+    assert not isinstance(plan_for(["scheduler=random"], tmp_path).param_space["lr"], float)
