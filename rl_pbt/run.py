@@ -341,8 +341,9 @@ def restore_tuner(
                                resume_unfinished=True, resume_errored=True)
     internal = tuner._local_tuner
     internal._tune_config.scheduler = scheduler
-    internal._run_config.callbacks = [*callbacks, *result_files(plan)]
-    internal._run_config.stop = PlanStopper(plan.stop)
+    stopper = PlanStopper(plan.stop)
+    internal._run_config.callbacks = [*callbacks, stopper.running, *result_files(plan)]
+    internal._run_config.stop = stopper
     return tuner
 
 
@@ -354,6 +355,7 @@ def make_tuner(plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
 
     param_space = {**plan.param_space, "seed": tune.randint(0, 2**31 - 1)}
     stock = plan.trainable == "stock"
+    stopper = PlanStopper(plan.stop)
     return tune.Tuner(
         trainable_class(plan),
         param_space=param_space,
@@ -369,8 +371,8 @@ def make_tuner(plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
         run_config=tune.RunConfig(
             name="tune",
             storage_path=str(plan.output_dir.resolve()),
-            stop=PlanStopper(plan.stop),
-            callbacks=[*callbacks, *result_files(plan)],
+            stop=stopper,
+            callbacks=[*callbacks, stopper.running, *result_files(plan)],
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=plan.num_to_keep, checkpoint_at_end=True,
                 checkpoint_frequency=plan.checkpoint_frequency,

@@ -234,6 +234,30 @@ def test_stopper_rule():
     assert stopper.stop_all()
 
 
+def test_after_the_wall_time_budget_running_trials_end_on_their_next_result():
+    """Tune's stop-all skips the end-of-run checkpoint: the trials running when the budget
+    ran out are stopped on their next result (which Tune saves); then everything stops."""
+    from types import SimpleNamespace as NS
+
+    from rl_pbt.plan import StopRule
+    from rl_pbt.stopping import PlanStopper
+
+    stopper = PlanStopper(StopRule("m", "max", 50, None, None, 0.0, True))
+    trials = [NS(trial_id="a", status="RUNNING"), NS(trial_id="b", status="RUNNING"),
+              NS(trial_id="c", status="PAUSED")]
+    stopper.running.on_step_begin(0, trials)
+    assert not stopper.stop_all()  # a and b are in the middle of an iteration
+    assert stopper("a", {"training_iteration": 7, "time_this_iter_s": 0.4})
+    trials[0].status = "TERMINATED"  # saved and stopped
+    trials[2].status = "RUNNING"  # c resumed into a's place: not waited for
+    stopper.running.on_step_begin(1, trials)
+    assert not stopper.stop_all()
+    trials[1].status = "TERMINATED"
+    stopper.running.on_step_begin(2, trials)
+    assert stopper.stop_all()
+    assert stopper.grace_s == 10.8
+
+
 @pytest.mark.parametrize(("overrides", "cpus", "line"), [
     ([], 1, "1 CPU per trial x 4 trials = 4 CPUs wanted; the cluster has 2. 2 trials train at "
             "once; the other 2 take turns"),
