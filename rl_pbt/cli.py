@@ -42,7 +42,7 @@ _OPTION = re.compile(r"^[A-Za-z_]\w*=")
 
 def parse_path_and_options(
     args: list[str], readers: dict[str, Callable[[str], Any]], defaults: dict[str, Any],
-    usage: str,
+    usage: str, about: str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """``PATH key=value ...``, as the commands that work on a run folder take them.
 
@@ -54,7 +54,10 @@ def parse_path_and_options(
         readers: option name -> function that turns its text into a value (raises ValueError).
         defaults: option name -> value when the option is not given.
         usage: the line shown when the path is missing or doubled.
+        about: the command's module docstring, which ``--help`` shows after its first line.
     """
+    if any(a in ("-h", "--help") and not Path(a).exists() for a in args):
+        _print_help(readers, defaults, usage, about or "")
     given = [a for a in args if _OPTION.match(a) and not Path(a).exists()]
     paths = [a for a in args if a not in given]
     if len(paths) != 1:
@@ -70,6 +73,20 @@ def parse_path_and_options(
             kind = _KINDS.get(readers[key]) or (readers[key].__doc__ or "").split("\n")[0]
             raise ConfigError(f"{key}: cannot read {value!r}; give {kind}") from None
     return Path(paths[0]), options
+
+
+def _print_help(readers: dict[str, Callable[[str], Any]], defaults: dict[str, Any],
+                usage: str, about: str) -> NoReturn:
+    """The usage line, the command's description and each option's kind and default; exit 0."""
+    about = about.split("\n", 2)[-1].strip()  # the docstring's first line is the usage
+    lines = [f"usage: {usage}", "", *([about, ""] if about else []), "options:"]
+    for key, reader in readers.items():
+        kind = _KINDS.get(reader) or (reader.__doc__ or "").split("\n")[0]
+        default = defaults.get(key)
+        lines.append(f"  {key}=...  {kind}" +
+                     ("" if default is None else f" (default: {str(default).lower()})"))
+    print("\n".join(lines))
+    sys.exit(0)
 
 
 def discard_empty_output_dir() -> Path | None:

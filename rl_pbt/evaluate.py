@@ -47,7 +47,7 @@ def parse_options(args: list[str]) -> tuple[Path, dict[str, Any]]:
     path, options = parse_path_and_options(
         args, OPTIONS, {"episodes": 10, "video": False, "seed": 0, "env": None},
         "python -m rl_pbt.evaluate RUN_DIR_or_CHECKPOINT [episodes=N] [video=true] [seed=S] "
-        "[env=ID]")
+        "[env=ID]", __doc__)
     if options["episodes"] < 1:
         raise ConfigError(f"episodes: must be >= 1, got {options['episodes']}")
     if options["seed"] < 0:

@@ -24,7 +24,8 @@ from rl_pbt.records import read_json, write_json
 def parse_options(args: list[str]) -> tuple[Path, int]:
     """``RUN_DIR [seeds=N]``."""
     path, options = parse_path_and_options(
-        args, {"seeds": int}, {"seeds": 3}, "python -m rl_pbt.replay RUN_DIR [seeds=N]")
+        args, {"seeds": int}, {"seeds": 3}, "python -m rl_pbt.replay RUN_DIR [seeds=N]",
+        __doc__)
     if options["seeds"] < 1:
         raise ConfigError(f"seeds: must be an integer >= 1, got {options['seeds']}")
     return path, options["seeds"]

@@ -184,3 +184,17 @@ def test_a_checkpoint_path_with_equals_signs_is_the_path(tmp_path, monkeypatch):
                           (["x", "episodes=abc"], "episodes: cannot read 'abc'; give an integer")):
         with pytest.raises(ConfigError, match=message):
             evaluate.parse_options(args)
+
+
+@pytest.mark.parametrize(("module", "option"), [("evaluate", "episodes=..."),
+                                                ("replay", "seeds=...")])
+def test_help_lists_the_options(module, option, capsys):
+    """--help said 'no such run folder or checkpoint' (evaluate) or 'not an rl_pbt run folder'
+    (replay), exit 2: the options were only in the source."""
+    import importlib
+
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(f"rl_pbt.{module}").main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m rl_pbt.{module} ") and option in out
