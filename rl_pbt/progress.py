@@ -59,7 +59,9 @@ class ProgressPrinter(Callback):
               "not among the best at its rung)", flush=True)
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
-        _print_failure(trial, f"retrying from its last checkpoint (failure {trial.num_failures})")
+        start = "its last checkpoint" if trial.checkpoint is not None else "the start (no " \
+            "checkpoint yet)"
+        _print_failure(trial, f"retrying from {start} (failure {trial.num_failures})")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         _print_failure(trial, "no retries left, the others go on")

@@ -208,7 +208,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         if row.get("retries"):
             status = f", {row['retries']} retried failures" + status
         if row["iterations"] is None and not row["error"]:
-            lines.append(f"  trial {row['trial_id']}: did not start before the run stopped")
+            lines.append(f"  trial {row['trial_id']}: finished no iteration before the run "
+                         "stopped")
             continue
         lines.append(f"  trial {row['trial_id']}: return {score}, {row['iterations']} it, "
                      f"{row['exploits']} exploits{status}")

@@ -211,3 +211,23 @@ def test_a_trial_asha_stopped_early_says_so_in_the_summary(run_dir):
     text = format_summary(summary)
     assert "trial a: return 80.0, 4 it, 0 exploits, stopped early by ASHA at iteration 4" in text
     assert "trial b: return 95.0, 4 it, 0 exploits\n" in text
+
+
+def test_a_retry_says_where_it_restarts(capsys):
+    """A trial failing before its first checkpoint restarts from scratch; the line said 'from
+    its last checkpoint' and the summary then had none."""
+    from types import SimpleNamespace as NS
+
+    from rl_pbt.progress import ProgressPrinter
+
+    printer = ProgressPrinter("m", "max")
+    trial = NS(trial_id="a", checkpoint=None, num_failures=1, error_file=None,
+               last_result={"training_iteration": 1})
+    printer.on_trial_recover(0, [trial], trial)
+    trial.checkpoint = object()
+    printer.on_trial_recover(0, [trial], trial)
+    assert capsys.readouterr().out.splitlines() == [
+        "[fail] a failed after iteration 1 (unknown error); retrying from the start (no "
+        "checkpoint yet) (failure 1)",
+        "[fail] a failed after iteration 1 (unknown error); retrying from its last checkpoint "
+        "(failure 1)"]
