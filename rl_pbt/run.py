@@ -267,7 +267,7 @@ def _mark_killed(tracker: MlflowTracker | None) -> None:
 def _tracking_record(plan: Plan, tracking: Mapping[str, Any]) -> dict[str, Any]:
     """The store and runs of this experiment, as ``run.json`` keeps them for a resume."""
     return {"backend": plan.tracking.backend, "tracking_uri": plan.tracking.tracking_uri,
-            "experiment_name": plan.tracking.experiment_name,
+            "experiment_name": tracking["experiment_name"],
             "experiment_id": tracking["experiment_id"],
             "parent_run_id": tracking["parent_run_id"]}
 
@@ -298,7 +298,7 @@ def _open_tracking(
     scheduler.stop_listeners.append(tracker.on_early_stop)
     return {
         "tracking_uri": plan.tracking.tracking_uri,
-        "experiment_name": plan.tracking.experiment_name,
+        "experiment_name": tracker.experiment_name,
         "experiment_id": tracker.experiment_id,
         "parent_run_id": parent,
         "ui_command": ui_command(plan.tracking),

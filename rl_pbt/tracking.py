@@ -126,6 +126,7 @@ class MlflowTracker(Callback):
         self.mutated = list(plan.mutations)
         self.parent_id = ""
         self.experiment_id = ""
+        self.experiment_name = plan.tracking.experiment_name or ""  # the one the parent is in
         self.children: dict[str, str] = {}
         self.steps: dict[str, int] = {}
         self.exploits: dict[str, int] = {}
@@ -136,7 +137,8 @@ class MlflowTracker(Callback):
 
     # -- the parent run -------------------------------------------------------------------
     def open(self, extra_tags: Mapping[str, str]) -> str:
-        """Create the parent run, nested under an active run when there is one."""
+        """Create the parent run, nested under an active run when there is one (in that run's
+        experiment: an AzureML job's, or a ``MLFLOW_RUN_ID`` given by hand)."""
         active = _active_run_id()
         if active:
             self.experiment_id = self.client.get_run(active).info.experiment_id
@@ -149,6 +151,7 @@ class MlflowTracker(Callback):
             tags[PARENT_TAG] = active
         run = self.client.create_run(self.experiment_id, tags=tags)
         self.parent_id = run.info.run_id
+        self.experiment_name = self.client.get_experiment(self.experiment_id).name
         self.client.log_text(self.parent_id, self.plan.config_yaml, "config.yaml")
         params = {"population": self.plan.population, "seed": self.plan.seed,
                   "command": self.plan.command}
@@ -171,6 +174,7 @@ class MlflowTracker(Callback):
                               f"{self.plan.tracking.tracking_uri}; put back the store the run "
                               "was tracked in") from None
         self.parent_id, self.experiment_id = parent_id, parent.info.experiment_id
+        self.experiment_name = self.client.get_experiment(self.experiment_id).name
         self.client.update_run(parent_id, status="RUNNING")
         records = read_jsonl(self.plan.output_dir / TRIALS_FILE)
         for child in child_runs(self.client, self.experiment_id, parent_id):

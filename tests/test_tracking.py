@@ -207,6 +207,8 @@ def test_parent_nests_under_an_active_run(plan, tmp_path):
     run = MlflowClient(plan.tracking.tracking_uri).get_run(parent)
     assert run.data.tags["mlflow.parentRunId"] == job.info.run_id
     assert run.info.experiment_id == job.info.experiment_id
+    # the summary and run.json name the experiment the parent is in, not tracking's default
+    assert (tracker.experiment_name, plan.tracking.experiment_name) == ("managed_job", "unit")
 
 
 def test_unreachable_server_and_unwritable_folder_are_config_errors(tmp_path):
