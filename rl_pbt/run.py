@@ -143,12 +143,19 @@ def _execute(
     trial = cluster.trial_resources(plan)  # RLlib's own checks, before any file or process
     if plan.tracking.enabled:
         check_reachable(plan.tracking)
+    checked: Future[bool] = Future()
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-open") as pool:
-        # Importing MLflow and opening its store (1.5-3 s) while Ray starts its processes.
-        opening = pool.submit(MlflowTracker, plan, repeats) if plan.tracking.enabled else None
-        ray_used = cluster.describe(cluster.start_ray(plan))
+        # Importing MLflow (1 s) while Ray starts and its CPUs are checked; then its store.
+        opening = pool.submit(_open_tracker, plan, repeats, checked) \
+            if plan.tracking.enabled else None
+        try:
+            ray_used = cluster.describe(cluster.start_ray(plan))
+            fit = cluster.concurrency(plan, trial)
+        except BaseException:
+            checked.set_result(False)
+            raise
+        checked.set_result(True)
         tracker = _opened(opening, plan.tracking) if opening else None
-    fit = cluster.concurrency(plan, trial)
     print(fit.report(), flush=True)
     envs.register(plan.env)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +235,15 @@ def tune_settings() -> Iterator[None]:
             environ_default("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0"), \
             handled_warnings():
         yield
+
+
+def _open_tracker(plan: Plan, repeats: Repeats, checked: Future[bool]) -> MlflowTracker | None:
+    """Import MLflow at once, open its store (which creates a new one) only once Ray's address
+    and the CPUs a trial needs have passed their checks: a refused run leaves no store behind
+    (a probe found an empty 954 KB mlflow.db after 'a trial needs 5 CPUs')."""
+    import mlflow.tracking  # noqa: F401  (the import is the part worth starting early)
+
+    return MlflowTracker(plan, repeats) if checked.result() else None
 
 
 def _opened(opening: Future, tracking: Tracking) -> MlflowTracker:

@@ -348,3 +348,19 @@ def test_batches_never_split_a_result():
     assert [len(b) for b in batches] == [8, 8, 4]
     assert [m for b in batches for m in b] == [m for r in results for m in r]
     assert [len(b) for b in rl_pbt.tracking._result_batches([["x"] * 25], 10)] == [10, 10, 5]
+
+
+def test_a_run_refused_beside_the_store_opening_leaves_no_new_store(ray_session, tmp_path):
+    """The CPU check runs while MLflow creates its store: a refused run left an empty
+    mlflow.db behind; an existing store is kept."""
+    from rl_pbt import run as running
+
+    plan = resolve(compose_config(["experiment=seed"]), tmp_path / "run",
+                   choices={"env": "cartpole"}, launch_dir=tmp_path)
+    with pytest.raises(ConfigError, match="a trial needs 5 CPUs"):
+        running.execute(plan)
+    assert not plan.tracking.sqlite_file.exists()
+    MlflowClient(plan.tracking.tracking_uri).search_experiments()  # the store exists now
+    with pytest.raises(ConfigError, match="a trial needs 5 CPUs"):
+        running.execute(plan)
+    assert plan.tracking.sqlite_file.exists()
