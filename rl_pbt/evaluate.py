@@ -188,7 +188,7 @@ def evaluate(target: Target, episodes: int, video: bool, seed: int) -> dict[str,
         "length_std": statistics.pstdev(lengths), "per_episode": episodes_out,
         "video": str(write_gif(frames, out_dir / "episode.gif")) if frames else None,
     }
-    write_json(result, out_dir / "evaluation.json")
+    result["file"] = str(write_json(result, out_dir / "evaluation.json"))
     result["mlflow_run_id"] = log_to_mlflow(target, result, out_dir)
     return result
 
@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"return {result['return_mean']:.1f} +/- {result['return_std']:.1f}, "
           f"length {result['length_mean']:.1f} +/- {result['length_std']:.1f}")
     print(f"checkpoint {result['checkpoint']}")
+    print(f"written    {result['file']}")
     if result["video"]:
         print(f"video      {result['video']}")
     if result.get("mlflow_error"):

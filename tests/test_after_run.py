@@ -51,6 +51,7 @@ def test_evaluate_the_best_agent_with_a_video(finished_run):
     assert result["checkpoint"] == summary["best"]["checkpoint"]
     gif = plan.output_dir / "evaluation" / "episode.gif"
     assert gif.read_bytes()[:6] == b"GIF89a"
+    assert result["file"] == str(plan.output_dir / "evaluation" / "evaluation.json")
     client = MlflowClient(plan.tracking.tracking_uri)
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.tags["mlflow.parentRunId"] == summary["tracking"]["parent_run_id"]
