@@ -66,6 +66,21 @@ def test_returns_plot_holds_every_trial_the_lineage_and_the_exploit(run_dir):
     assert ax.get_title()
 
 
+def test_an_exploit_at_the_runs_end_is_marked_at_the_clones_checkpoint(run_dir):
+    """a took b's weights at the last iteration and never scored again: the plot had one
+    triangle for the report's two exploits."""
+    last = {"trial_id": "a", "source_id": "b", "iteration": 4, "source_iteration": 4,
+            "old": {"lr": 1e-3, "clip_param": 0.2}, "new": {"lr": 1.4e-3, "clip_param": 0.16},
+            "wall_time": 4.5}
+    with (run_dir / "exploits.jsonl").open("a") as rows:
+        rows.write(json.dumps(last) + "\n")
+    records = RunRecords.load(run_dir)
+    fig = returns_figure(records, lineage(records, "b"), json.loads(
+        (run_dir / "run.json").read_text()))
+    texts = {t.get_text(): t.xy for t in fig.axes[0].texts}
+    assert texts == {"a→b": (3000, 70), "b→a (not scored since)": (4000, 95)}
+
+
 def test_hyperparameter_panels_use_log_scale_where_the_distribution_does(run_dir):
     records = RunRecords.load(run_dir)
     info = json.loads((run_dir / "run.json").read_text())

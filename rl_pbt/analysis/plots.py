@@ -87,12 +87,14 @@ def returns_figure(
 
 
 def _mark_exploits(ax: Axes, records: RunRecords, colors: Mapping[str, Any]) -> None:
-    """A triangle where a trial restarted from a clone, labelled ``source→target``."""
+    """A triangle where a trial restarted from a clone, labelled ``source→target``; a hollow
+    one at the clone's checkpoint for an exploit the run ended before it scored."""
     labelled = False
     for event in records.exploits:
         after = [r for r in records.rows_of(event["trial_id"])
                  if r.get("recorded_at", 0.0) > event["wall_time"] and r.get("return") is not None]
         if not after:
+            _mark_unscored(ax, records, event, colors[event["trial_id"]])
             continue
         first = min(after, key=lambda r: r["recorded_at"])
         source = _checkpoint_row(records, event, first["training_iteration"] - 1)
@@ -106,6 +108,18 @@ def _mark_exploits(ax: Axes, records: RunRecords, colors: Mapping[str, Any]) -> 
                     (first["env_steps"], first["return"]), textcoords="offset points",
                     xytext=(0, 7), ha="center", fontsize=6.5, color="dimgray")
         labelled = True
+
+
+def _mark_unscored(ax: Axes, records: RunRecords, event: Mapping[str, Any], color: Any) -> None:
+    """The exploit of a trial that finished no episode after it (the run ended first)."""
+    source = _checkpoint_row(records, event, event.get("source_iteration", event["iteration"]))
+    if source is None:
+        return
+    ax.scatter([source["env_steps"]], [source["return"]], marker="v", s=46, facecolor="none",
+               edgecolor=color, linewidth=1.0, zorder=6)
+    ax.annotate(f"{_short(event['source_id'])}→{_short(event['trial_id'])} (not scored since)",
+                (source["env_steps"], source["return"]), textcoords="offset points",
+                xytext=(0, -11), ha="center", fontsize=6.5, color="dimgray")
 
 
 def _checkpoint_row(
