@@ -186,7 +186,7 @@ def _execute(
         # From the records, not scheduler.events: a resumed run counts the first part too.
         exploits = Counter(e["trial_id"] for e in read_jsonl(plan.output_dir / EXPLOITS_FILE))
         summary = build_summary(plan, results, exploits, time.monotonic() - started,
-                                fit.report(), tracking)
+                                fit.report(), tracking, resumed=resumed is not None)
         write_summary(summary, plan.output_dir)
         releasing = _release_ray(ray_used["origin"], tags or {})
         report = _write_report(plan)

@@ -79,8 +79,10 @@ def build_summary(
     wall_time_s: float,
     concurrency: str,
     tracking: Mapping[str, Any] | None,
+    resumed: bool = False,
 ) -> dict[str, Any]:
-    """Everything the printed summary and ``summary.json`` hold."""
+    """Everything the printed summary and ``summary.json`` hold; a resumed run's wall time is
+    that of this invocation (a killed one's end is not known)."""
     rows = trial_rows(plan, results, exploits)
     return {
         "name": plan.name,
@@ -91,6 +93,7 @@ def build_summary(
         "trials": rows,
         "exploits": sum(exploits.values()),
         "wall_time_s": round(wall_time_s, 1),
+        "resumed": resumed,
         "concurrency": concurrency,
         "output_dir": str(plan.output_dir),
         "tracking": dict(tracking) if tracking else None,
@@ -170,7 +173,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     """The block printed at the end of a run."""
     best = summary.get("best")
     lines = [f"== rl_pbt: {summary['name']} ==",
-             f"wall time {summary['wall_time_s']:.0f} s, {summary['exploits']} exploits, "
+             f"wall time {summary['wall_time_s']:.0f} s"
+             f"{' since the resume' if summary.get('resumed') else ''}, "
+             f"{summary['exploits']} exploits, "
              f"{len(summary['trials'])} trials"]
     if summary.get("stopped_by"):
         lines.append(f"stopped by   {summary['stopped_by']}")

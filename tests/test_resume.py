@@ -133,6 +133,7 @@ def _resume_to_the_end(tmp_path: Path, run_dir: Path, db: Path, stopped_at: floa
     (tmp_path / "resume.log").write_text(done.stdout + done.stderr)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = read_json(run_dir / "summary.json")
+    assert summary["resumed"] and " s since the resume, " in done.stdout
     resumes = read_json(run_dir / "run.json")["resumes"]
     assert [r["ray"]["origin"] for r in resumes] == ["started"]
     assert resumes[0]["last_iteration"] == {  # what was recorded when the run stopped
