@@ -28,6 +28,7 @@ from rl_pbt.distributions import Distribution
 from rl_pbt.explore import Explore
 from rl_pbt.handover import hand_over_checkpoint
 from rl_pbt.plan import Plan
+from rl_pbt.values import finite
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class RecordingExploits(ExploitListeners):
         self._handing_over: set[Trial] = set()  # told to PAUSE for another's turn, still running
         self._kept_turns: dict[Trial, int] = {}  # PAUSEs turned into CONTINUE in a row
         self._reserved: list[tuple[Any, int]] = []  # actor cache places held for a new round
+        self._scored_this_turn: set[Trial] = set()  # reported the metric since it last resumed
 
     def _exploit(self, tune_controller: Any, trial: Trial, trial_to_clone: Trial) -> None:
         keys = list(self._hyperparam_mutations)
@@ -100,6 +102,7 @@ class RecordingExploits(ExploitListeners):
         if running and getattr(self, "_synch", False):
             self._keep_actors_for_next_round(tune_controller, trial)
         super()._exploit(tune_controller, trial, trial_to_clone)  # type: ignore[misc]
+        self._scored_this_turn.discard(trial)  # it restarts from the clone's checkpoint
         if saving:
             _drop_stale_stop(tune_controller, trial)
         if running and trial.status == Trial.PAUSED and not getattr(self, "_synch", False):
@@ -138,6 +141,8 @@ class RecordingExploits(ExploitListeners):
         """
         synch = getattr(self, "_synch", False)
         before = getattr(self, "_next_perturbation_sync", None)
+        if finite(result.get(self._metric)) is not None:
+            self._scored_this_turn.add(trial)
         decision = super().on_trial_result(tune_controller, trial, result)  # type: ignore[misc]
         if synch and self._next_perturbation_sync != before:
             latest = max(state.last_train_time for state in self._trial_state.values())
@@ -193,6 +198,11 @@ class RecordingExploits(ExploitListeners):
         a trial, no other hand-over is in flight and a successor is staged. The first two pass
         within a step or two; a slot that stays empty (a cluster that lost a node) is waited
         for three intervals in a row at most, so the trials waiting for a turn cannot starve.
+
+        A trial that has finished no episode since it resumed keeps its turn too, for up to
+        three intervals: a pause drops its episodes in progress, so with turns shorter than an
+        episode (Pendulum's 200 steps, 187 per env in a turn of a probe's run) it was never
+        scored again, and PBT never ranked or exploited it.
         """
         trials = tune_controller.get_trials()
         self._handing_over = {t for t in self._handing_over
@@ -201,11 +211,13 @@ class RecordingExploits(ExploitListeners):
             return TrialScheduler.CONTINUE  # both pass within a step or two
         running = sum(t.status == Trial.RUNNING for t in trials)
         kept = self._kept_turns.get(trial, 0)
-        if self.slots is not None and running < self.slots and kept < MAX_KEPT_TURNS:
+        empty_slot = self.slots is not None and running < self.slots
+        if (empty_slot or trial not in self._scored_this_turn) and kept < MAX_KEPT_TURNS:
             self._kept_turns[trial] = kept + 1
             return TrialScheduler.CONTINUE
         self._kept_turns[trial] = 0
         self._handing_over.add(trial)
+        self._scored_this_turn.discard(trial)
         return TrialScheduler.PAUSE
 
     def _call_off_hand_overs(self, tune_controller: Any) -> None:

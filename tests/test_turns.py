@@ -47,6 +47,7 @@ def test_second_trial_keeps_its_turn_until_the_first_hand_over_is_done():
     a, b = FakeTrial(Trial.RUNNING), FakeTrial(Trial.RUNNING)
     c, d = FakeTrial(Trial.PENDING), FakeTrial(Trial.PAUSED)
     scheduler, tune_controller = pbt(), controller(a, b, c, d)
+    scheduler._scored_this_turn.update({a, b})
     assert scheduler._one_turn_at_a_time(tune_controller, a) == TrialScheduler.PAUSE
     assert scheduler._one_turn_at_a_time(tune_controller, b) == TrialScheduler.CONTINUE
     a.status, c.status, d.status = Trial.PAUSED, Trial.RUNNING, Trial.PENDING  # c took a's actor
@@ -68,6 +69,7 @@ def test_an_exploit_calls_off_the_hand_over_it_leaves_without_a_successor(staged
     exploited = FakeTrial(Trial.RUNNING, "exploited")
     cached: dict[str, str] = {}
     scheduler = pbt()
+    scheduler._scored_this_turn.add(saving)
     tune_controller = controller(saving, exploited, *waiting, cached=cached,
                                  resetting=tuple(waiting[:resetting]))
     assert scheduler._one_turn_at_a_time(tune_controller, saving) == TrialScheduler.PAUSE
@@ -84,6 +86,20 @@ def test_a_trial_keeps_its_turn_three_times_at_most():
     scheduler, tune_controller = pbt(), controller(a, starting)
     decisions = [scheduler._one_turn_at_a_time(tune_controller, a) for _ in range(4)]
     assert decisions == [TrialScheduler.CONTINUE] * 3 + [TrialScheduler.PAUSE]
+
+
+def test_a_trial_not_scored_since_it_resumed_keeps_its_turn_three_times_at_most():
+    """A hand-over drops the episodes in progress: with turns shorter than an episode a trial
+    was never scored again (Pendulum, a probe's run). It keeps its turn until it scores."""
+    a, b, c = (FakeTrial(Trial.RUNNING, "a"), FakeTrial(Trial.RUNNING, "b"),
+               FakeTrial(Trial.PENDING, "c"))
+    scheduler, tune_controller = pbt(), controller(a, b, c)
+    decisions = [scheduler._one_turn_at_a_time(tune_controller, a) for _ in range(4)]
+    assert decisions == [TrialScheduler.CONTINUE] * 3 + [TrialScheduler.PAUSE]
+    scheduler._handing_over.clear()
+    scheduler._scored_this_turn.add(b)  # on_trial_result marks a result with a finite score
+    assert scheduler._one_turn_at_a_time(tune_controller, b) == TrialScheduler.PAUSE
+    assert b not in scheduler._scored_this_turn  # its next turn starts unscored
 
 
 def test_synchronous_round_closer_keeps_its_actor_until_the_next_round_takes_both():
