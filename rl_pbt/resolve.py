@@ -81,11 +81,14 @@ def resolve(
             param_space[key] = dist.to_tune()
     drawn = {k: d for k, d in mutations.items()
              if draw_all or (k not in fixed and k not in initial)}
-    algorithm.check(
-        _bounds(fixed, initial, mutations),
-        _bounds({k: v for k, v in fixed.items() if k not in drawn},
-                {k: d for k, d in initial.items() if k not in drawn}, drawn),
-    )
+    try:
+        algorithm.check(
+            _bounds(fixed, initial, mutations),
+            _bounds({k: v for k, v in fixed.items() if k not in drawn},
+                    {k: d for k, d in initial.items() if k not in drawn}, drawn),
+        )
+    except ConfigError as err:
+        raise ConfigError(_named_where_set(str(err), {**fixed, **initial}, mutations)) from None
     seed = plain.get("seed")
     seed = random.randrange(2**31) if seed is None else _positive_int(plain, "seed", minimum=0)
     stop = resolve_stop(plain, env)
@@ -308,6 +311,16 @@ def _instantiation_reason(err: InstantiationException, spec: Mapping[str, Any]) 
            "no such class or function" if "Error locating target" in str(err) else first_line(err))
     kinds = ", ".join(f"rl_pbt.distributions.{kind.__name__}" for kind in distributions.KINDS)
     return f"_target_: cannot call {target!r} ({why}); give one of {kinds}"
+
+
+def _named_where_set(message: str, config: Mapping[str, Any], mutations: Mapping[str, Any]) -> str:
+    """The algorithm's check names a bare key (``lr: a value can be -0.001``); name where the
+    key is set instead: ``algorithm.config.lr``, ``mutations.hyperparams.lr`` or both."""
+    key, colon, rest = message.partition(":")
+    places = [f"{group}.{key}" for group, keys in (("algorithm.config", config),
+                                                   ("mutations.hyperparams", mutations))
+              if key in keys]
+    return f"{' or '.join(places)}:{rest}" if colon and places else message
 
 
 def _bounds(

@@ -119,10 +119,12 @@ def test_relative_sqlite_uri_is_anchored_at_the_launch_dir(tmp_path):
          "minibatch_size: smallest value 5000 is larger than the largest "
          "train_batch_size_per_learner 2000"),
         (["population=1"], "population: PBT needs at least 2 trials, got 1"),
-        (["algorithm.config.gamma=2"], "gamma: a value can be 2; PPO needs 0 <= gamma <= 1"),
-        (["algorithm.config.lr=-1"], "lr: a value can be -1; PPO needs lr > 0"),  # even unused
-        (["mutations.hyperparams.clip_param.low=0"],
-         "clip_param: a value can be 0; PPO needs clip_param > 0"),
+        (["algorithm.config.gamma=2"],
+         "algorithm.config.gamma: a value can be 2; PPO needs 0 <= gamma <= 1"),
+        (["algorithm.config.lr=-1"],  # even unused (mutations draw lr): named where it is set
+         "algorithm.config.lr or mutations.hyperparams.lr: a value can be -1; PPO needs lr > 0"),
+        (["mutations.hyperparams.clip_param.low=0"], "algorithm.config.clip_param or "
+         "mutations.hyperparams.clip_param: a value can be 0; PPO needs clip_param > 0"),
         (["scheduler.quantile_fraction=0.7"], "scheduler.quantile_fraction: must be a number"),
         (["env=gym"], "env.id: no value given"),
         (["env=pendulum", "env.model_config.free_log_std=true", "env.id=CartPole-v1"],
@@ -209,7 +211,7 @@ def test_relative_sqlite_uri_is_anchored_at_the_launch_dir(tmp_path):
         (["resources.config.num_env_runners=-1"],
          "resources.config.num_env_runners: must be a count >= 0, got -1"),
         (["mutations.hyperparams.num_epochs.low=0"],
-         "num_epochs: a first value can be 0; RLlib needs >= 1"),
+         "mutations.hyperparams.num_epochs: a first value can be 0; RLlib needs >= 1"),
     ],
 )
 def test_bad_input_is_one_config_error(overrides, message, tmp_path):
