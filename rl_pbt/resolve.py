@@ -26,7 +26,7 @@ from rl_pbt.algorithms import (
     import_object,
     translate_keys,
 )
-from rl_pbt.distributions import Distribution, as_distribution
+from rl_pbt.distributions import Choice, Distribution, as_distribution
 from rl_pbt.envs import make_from_entry_point
 from rl_pbt.errors import ConfigError
 from rl_pbt.metrics import check_metric
@@ -81,6 +81,8 @@ def resolve(
             param_space[key] = dist.to_tune()
     drawn = {k: d for k, d in mutations.items()
              if draw_all or (k not in fixed and k not in initial)}
+    if scheduler.name in POPULATION_BASED:
+        _check_start_in_range(fixed, {k: d for k, d in mutations.items() if k not in drawn})
     try:
         algorithm.check(
             _bounds(fixed, initial, mutations),
@@ -311,6 +313,22 @@ def _instantiation_reason(err: InstantiationException, spec: Mapping[str, Any]) 
            "no such class or function" if "Error locating target" in str(err) else first_line(err))
     kinds = ", ".join(f"rl_pbt.distributions.{kind.__name__}" for kind in distributions.KINDS)
     return f"_target_: cannot call {target!r} ({why}); give one of {kinds}"
+
+
+def _check_start_in_range(fixed: Mapping[str, Any], kept: Mapping[str, Distribution]) -> None:
+    """With ``mutations.start=config`` a trial starts from algorithm.config's value; outside
+    its mutation range, PBT trained and reported it (lr=0.01 against [1e-4, 1e-3]) and its
+    first perturbation jumped to the range's edge. Lists (``Choice``) are left as the guide's
+    setup has them (a start value that is not in the list)."""
+    for key, dist in kept.items():
+        value = fixed.get(key)
+        if isinstance(dist, Choice) or not is_numeric(value):
+            continue
+        if not dist.low <= value <= dist.high:
+            raise ConfigError(
+                f"algorithm.config.{key}={value:g} is outside mutations.hyperparams.{key} "
+                f"[{dist.low:g}, {dist.high:g}], where PBT's first perturbation would move it; "
+                "start inside the range or widen it")
 
 
 def _named_where_set(message: str, config: Mapping[str, Any], mutations: Mapping[str, Any]) -> str:

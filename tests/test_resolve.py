@@ -355,3 +355,13 @@ def test_fifo_trains_the_configured_values_not_draws(tmp_path):
                     "algorithm.config.num_epochs=2"], tmp_path)
     assert (plan.param_space["lr"], plan.param_space["num_epochs"]) == (0.002, 2)
     assert not isinstance(plan_for(["scheduler=random"], tmp_path).param_space["lr"], float)
+
+
+def test_a_start_value_outside_its_mutation_range_is_refused(tmp_path):
+    """mutations.start=config with lr=0.01 and a [1e-4, 1e-3] range trained at 0.01 and then
+    jumped to the edge; fifo (no perturbation) may train any value."""
+    overrides = ["mutations.start=config", "algorithm.config.lr=0.01"]
+    assert config_error(overrides, tmp_path) == (
+        "algorithm.config.lr=0.01 is outside mutations.hyperparams.lr [0.0001, 0.001], where "
+        "PBT's first perturbation would move it; start inside the range or widen it")
+    assert plan_for([*overrides, "scheduler=fifo"], tmp_path).param_space["lr"] == 0.01
