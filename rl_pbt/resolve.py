@@ -316,19 +316,19 @@ def _instantiation_reason(err: InstantiationException, spec: Mapping[str, Any]) 
 
 
 def _check_start_in_range(fixed: Mapping[str, Any], kept: Mapping[str, Distribution]) -> None:
-    """With ``mutations.start=config`` a trial starts from algorithm.config's value; outside
-    its mutation range, PBT trained and reported it (lr=0.01 against [1e-4, 1e-3]) and its
-    first perturbation jumped to the range's edge. Lists (``Choice``) are left as the guide's
-    setup has them (a start value that is not in the list)."""
+    """Warn when ``mutations.start=config`` starts a key outside its mutation range: PBT
+    trained and reported it silently (lr=0.01 against [1e-4, 1e-3]) and its first perturbation
+    jumps into the range. A warning, not an error: a shipped pair (``mutations=wide``'s
+    log-scale entropy_coeff with the config's 0) starts there on purpose. Lists (``Choice``)
+    are left as the guide's setup has them."""
     for key, dist in kept.items():
         value = fixed.get(key)
         if isinstance(dist, Choice) or not is_numeric(value):
             continue
         if not dist.low <= value <= dist.high:
-            raise ConfigError(
-                f"algorithm.config.{key}={value:g} is outside mutations.hyperparams.{key} "
-                f"[{dist.low:g}, {dist.high:g}], where PBT's first perturbation would move it; "
-                "start inside the range or widen it")
+            log.warning("algorithm.config.%s=%g is outside mutations.hyperparams.%s [%g, %g]: "
+                        "trials start there and PBT's first perturbation moves it into the "
+                        "range", key, value, key, dist.low, dist.high)
 
 
 def _named_where_set(message: str, config: Mapping[str, Any], mutations: Mapping[str, Any]) -> str:

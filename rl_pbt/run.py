@@ -148,13 +148,13 @@ def _execute(
         # Importing MLflow (1 s) while Ray starts and its CPUs are checked; then its store.
         opening = pool.submit(_open_tracker, plan, repeats, checked) \
             if plan.tracking.enabled else None
+        passed = False
         try:
             ray_used = cluster.describe(cluster.start_ray(plan))
             fit = cluster.concurrency(plan, trial)
-        except BaseException:
-            checked.set_result(False)
-            raise
-        checked.set_result(True)
+            passed = True
+        finally:  # whatever ends the checks (a Ctrl-C too), the thread must not wait on
+            checked.set_result(passed)
         tracker = _opened(opening, plan.tracking) if opening else None
     print(fit.report(), flush=True)
     envs.register(plan.env)
@@ -358,6 +358,7 @@ def restore_tuner(
     internal = tuner._local_tuner
     internal._tune_config.scheduler = scheduler
     stopper = PlanStopper(plan.stop)
+    scheduler.may_start = stopper.may_start
     internal._run_config.callbacks = [*callbacks, stopper.running, *result_files(plan)]
     internal._run_config.stop = stopper
     return tuner
@@ -372,6 +373,7 @@ def make_tuner(plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
     param_space = {**plan.param_space, "seed": tune.randint(0, 2**31 - 1)}
     stock = plan.trainable == "stock"
     stopper = PlanStopper(plan.stop)
+    scheduler.may_start = stopper.may_start
     return tune.Tuner(
         trainable_class(plan),
         param_space=param_space,

@@ -63,6 +63,15 @@ class ExploitListeners:
         self.listeners: list[Callable[[ExploitEvent], None]] = []
         self.stop_listeners: list[Callable[[EarlyStop], None]] = []
         self.events: list[ExploitEvent] = []
+        #: False once the run winds down (``PlanStopper``): no waiting trial starts then.
+        self.may_start: Callable[[], bool] = lambda: True
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        """The scheduler's choice, or None while the run winds down: a trial started then would
+        take the CPU its last iteration needs from a trial being waited for, and be killed."""
+        if not self.may_start():
+            return None
+        return super().choose_trial_to_run(tune_controller)  # type: ignore[misc]
 
     def report(self, event: ExploitEvent) -> None:
         """Keep the event and tell every listener."""
@@ -103,6 +112,7 @@ class RecordingExploits(ExploitListeners):
             self._keep_actors_for_next_round(tune_controller, trial)
         super()._exploit(tune_controller, trial, trial_to_clone)  # type: ignore[misc]
         self._scored_this_turn.discard(trial)  # it restarts from the clone's checkpoint
+        self._kept_turns.pop(trial, None)
         if saving:
             _drop_stale_stop(tune_controller, trial)
         if running and trial.status == Trial.PAUSED and not getattr(self, "_synch", False):

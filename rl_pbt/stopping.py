@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -10,6 +11,8 @@ from ray.tune.stopper import Stopper
 
 from rl_pbt.plan import StopRule
 from rl_pbt.values import finite
+
+log = logging.getLogger(__name__)
 
 #: Lifetime env steps sampled by one trial, as RLlib's new API stack reports them.
 ENV_STEPS = "env_runners/num_env_steps_sampled_lifetime"
@@ -89,13 +92,21 @@ class PlanStopper(Stopper):
         now = time.monotonic()
         if self._finishing is None:
             self._finishing, self._finishing_since = set(self.running.ids), now
-        return not (self._finishing & self.running.ids) or (
-            now - self._finishing_since >= self.grace_s)
+        waiting = self._finishing & self.running.ids
+        if waiting and now - self._finishing_since >= self.grace_s:
+            log.warning("the wall-time budget's wait for the last iteration of %s ended after "
+                        "%.0f s; their newest checkpoints are older than their last results",
+                        ", ".join(sorted(waiting)), self.grace_s)
+        return not waiting or now - self._finishing_since >= self.grace_s
 
     @property
     def grace_s(self) -> float:
         """Longest wait for the running trials' last iteration after the budget ran out."""
         return 2 * self.longest_iteration_s + 10.0
+
+    def may_start(self) -> bool:
+        """Whether a waiting trial may start: not once the budget is spent."""
+        return not self._budget_spent()
 
     def _budget_spent(self) -> bool:
         budget = self.rule.max_seconds

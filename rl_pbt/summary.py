@@ -65,7 +65,9 @@ def trial_rows(plan: Plan, results: Any, exploits: Mapping[str, int]) -> list[di
             "exploits": exploits.get(trial_id, 0),
             "retries": retries.get(trial_id, 0),
             "error": errors.get(trial_id),
-            "stopped_early_at": stopped_early.get(trial_id),
+            # A resume may have trained a trial on after the stop ASHA made before the kill.
+            "stopped_early_at": stopped_early.get(trial_id) if stopped_early.get(trial_id)
+            == last.get("training_iteration") else None,
             "unscored_since": exploit and {"source_id": exploit["source_id"],
                                            "iteration": exploit["iteration"]},
         })
@@ -126,6 +128,9 @@ def stopped_by(plan: Plan, rows: list[dict[str, Any]], wall_time_s: float) -> st
     if early:
         return (f"ASHA stopping {early} of {len(rows)} trials early; "
                 "the others ran to their caps")
+    if plan.scheduler.name == "asha":
+        return (f"ASHA's max_t ({plan.scheduler.options.get('max_t')}) or each trial's own "
+                "stop rule")
     return "each trial's own stop rule (iteration cap, target or env-step budget)"
 
 

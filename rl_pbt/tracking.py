@@ -345,9 +345,14 @@ class MlflowTracker(Callback):
 
     def on_early_stop(self, stop: EarlyStop) -> None:
         """Tag the trial's run: ASHA ended it before its caps (its status is FINISHED)."""
-        if stop.trial_id in self.children:
+        if stop.trial_id not in self.children:
+            return
+        try:  # called inside Tune's scheduler step: a failed tag must not end the run
             self.client.set_tag(self.children[stop.trial_id], "rl_pbt.stopped_early",
                                 f"by ASHA at iteration {stop.iteration}")
+        except Exception as err:
+            log.warning("MLflow: the early stop of %s was not tagged: %s", stop.trial_id,
+                        first_line(err))
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
         self._end(trial, "FINISHED")

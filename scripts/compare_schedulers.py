@@ -14,7 +14,8 @@ Where each number comes from (nothing is estimated):
 
 - best return, env steps: the parent's metrics ``best_return`` and ``best_env_steps``.
 - wall time: ``wall_time_s`` of the parent's ``summary.json``, the number the run's own summary
-  printed; for a run without one, the parent run's end minus its start (MLflow's clock: the
+  printed; for a run without one, or a resumed one (whose summary counts from the resume), the
+  parent run's end minus its start (MLflow's clock: the
   parent is created once Ray is up and ended after the report is written).
 - time to target: the parent does not log it, so it is read from the child runs: the first
   per-iteration ``episode_return_mean`` at or beyond the target (``target_return`` and ``mode``
@@ -103,7 +104,8 @@ def row_for(client: Any, parent: Any) -> dict[str, Any]:
     """One table row for one parent run."""
     tags, metrics, info = parent.data.tags, parent.data.metrics, parent.info
     summary = run_summary(client, info.run_id)
-    wall = (summary or {}).get("wall_time_s")
+    # A resumed run's summary counts from the resume; MLflow's parent spans the whole run.
+    wall = None if (summary or {}).get("resumed") else (summary or {}).get("wall_time_s")
     if wall is None and info.end_time:
         wall = (info.end_time - info.start_time) / 1000
     return {

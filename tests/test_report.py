@@ -167,7 +167,8 @@ def test_the_summary_says_what_stopped_the_run():
     def plan(scheduler="pbt", **rule):
         stop = {"max_iterations": 50, "target_return": 450.0, "max_env_steps": None,
                 "max_seconds": None, "stop_all_at_target": True, **rule}
-        return NS(stop=StopRule("m", "max", **stop), scheduler=NS(name=scheduler))
+        return NS(stop=StopRule("m", "max", **stop),
+                  scheduler=NS(name=scheduler, options={"max_t": 6}))
 
     def row(ret, iterations, steps=1000, error=None, stopped_early_at=None):
         return {"return": ret, "iterations": iterations, "env_steps": steps, "error": error,
@@ -182,6 +183,8 @@ def test_the_summary_says_what_stopped_the_run():
         "every trial spent its env-step budget (5000)"
     assert stopped_by(plan("asha", max_iterations=6), [row(30, 6), row(20, 1, stopped_early_at=1)],
                       9) == "ASHA stopping 1 of 2 trials early; the others ran to their caps"
+    assert stopped_by(plan("asha", max_iterations=9), [row(30, 6), row(20, 6)], 9) == \
+        "ASHA's max_t (6) or each trial's own stop rule"
     assert stopped_by(plan(), [row(30, 6, error="E: x"), row(20, 1, error="E: y")], 9) == \
         "every trial failed"
 
@@ -218,7 +221,9 @@ def test_a_trial_asha_stopped_early_says_so_in_the_summary(run_dir):
     from rl_pbt.schedulers import EarlyStop
     from rl_pbt.summary import trial_rows
 
-    RunRecorder(run_dir, "m", ["lr"]).on_early_stop(EarlyStop("a", 4, float("nan")))
+    recorder = RunRecorder(run_dir, "m", ["lr"])
+    recorder.on_early_stop(EarlyStop("a", 4, float("nan")))
+    recorder.on_early_stop(EarlyStop("b", 2, 15.0))  # before a kill; the resume trained on
     rows = {row["trial_id"]: row for row in trial_rows(NS(output_dir=run_dir), [], {})}
     assert (rows["a"]["stopped_early_at"], rows["b"]["stopped_early_at"]) == (4, None)
     summary = {"name": "x", "wall_time_s": 9.0, "exploits": 1, "trials": list(rows.values()),

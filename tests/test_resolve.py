@@ -254,10 +254,25 @@ def test_after_the_wall_time_budget_running_trials_end_on_their_next_result():
     trials[2].status = "RUNNING"  # c resumed into a's place: not waited for
     stopper.running.on_step_begin(1, trials)
     assert not stopper.stop_all()
+    assert not stopper.may_start()  # the schedulers start no waiting trial now
     trials[1].status = "TERMINATED"
     stopper.running.on_step_begin(2, trials)
     assert stopper.stop_all()
     assert stopper.grace_s == 10.8
+
+
+def test_no_trial_starts_while_the_run_winds_down(monkeypatch):
+    from ray.tune.schedulers import FIFOScheduler
+
+    from rl_pbt.schedulers import PlainFIFO
+
+    scheduler, chosen = PlainFIFO(), []
+    monkeypatch.setattr(FIFOScheduler, "choose_trial_to_run",
+                        lambda self, tc: chosen.append(tc) or "trial")
+    assert scheduler.choose_trial_to_run("controller") == "trial"
+    scheduler.may_start = lambda: False
+    assert scheduler.choose_trial_to_run("controller") is None
+    assert chosen == ["controller"]
 
 
 @pytest.mark.parametrize(("overrides", "cpus", "line"), [
@@ -357,11 +372,15 @@ def test_fifo_trains_the_configured_values_not_draws(tmp_path):
     assert not isinstance(plan_for(["scheduler=random"], tmp_path).param_space["lr"], float)
 
 
-def test_a_start_value_outside_its_mutation_range_is_refused(tmp_path):
-    """mutations.start=config with lr=0.01 and a [1e-4, 1e-3] range trained at 0.01 and then
-    jumped to the edge; fifo (no perturbation) may train any value."""
+def test_a_start_value_outside_its_mutation_range_is_a_warning(tmp_path, caplog):
+    """mutations.start=config with lr=0.01 and a [1e-4, 1e-3] range trained at 0.01 without a
+    word; fifo (no perturbation) may train any value. A warning: mutations=wide starts its
+    log-scale entropy_coeff from the config's 0 on purpose."""
     overrides = ["mutations.start=config", "algorithm.config.lr=0.01"]
-    assert config_error(overrides, tmp_path) == (
-        "algorithm.config.lr=0.01 is outside mutations.hyperparams.lr [0.0001, 0.001], where "
-        "PBT's first perturbation would move it; start inside the range or widen it")
+    assert plan_for(overrides, tmp_path).param_space["lr"] == 0.01
+    assert ("algorithm.config.lr=0.01 is outside mutations.hyperparams.lr [0.0001, 0.001]: "
+            "trials start there") in caplog.text
+    caplog.clear()
     assert plan_for([*overrides, "scheduler=fifo"], tmp_path).param_space["lr"] == 0.01
+    assert "outside" not in caplog.text
+    plan_for(["mutations=wide", "mutations.start=config"], tmp_path)
