@@ -341,6 +341,15 @@ def result_files(plan: Plan) -> list[Any]:
             *([TBXLoggerCallback()] if plan.tensorboard else [])]
 
 
+def stop_rule(plan: Plan, scheduler: Scheduler,
+              callbacks: list[Any]) -> tuple[PlanStopper, list[Any]]:
+    """The run's stopper, tied to the scheduler (no trial starts while the run winds down), and
+    the Tune callbacks with the stopper's view of running trials and the result files."""
+    stopper = PlanStopper(plan.stop)
+    scheduler.may_start = stopper.may_start
+    return stopper, [*callbacks, stopper.running, *result_files(plan)]
+
+
 def restore_tuner(
     plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
     """The run folder's Tune experiment, with this process's scheduler, callbacks and stopper.
@@ -357,10 +366,8 @@ def restore_tuner(
                                resume_unfinished=True, resume_errored=True)
     internal = tuner._local_tuner
     internal._tune_config.scheduler = scheduler
-    stopper = PlanStopper(plan.stop)
-    scheduler.may_start = stopper.may_start
-    internal._run_config.callbacks = [*callbacks, stopper.running, *result_files(plan)]
-    internal._run_config.stop = stopper
+    internal._run_config.stop, internal._run_config.callbacks = stop_rule(
+        plan, scheduler, callbacks)
     return tuner
 
 
@@ -372,8 +379,7 @@ def make_tuner(plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
 
     param_space = {**plan.param_space, "seed": tune.randint(0, 2**31 - 1)}
     stock = plan.trainable == "stock"
-    stopper = PlanStopper(plan.stop)
-    scheduler.may_start = stopper.may_start
+    stopper, callbacks = stop_rule(plan, scheduler, callbacks)
     return tune.Tuner(
         trainable_class(plan),
         param_space=param_space,
@@ -390,7 +396,7 @@ def make_tuner(plan: Plan, scheduler: Scheduler, callbacks: list[Any]) -> Any:
             name="tune",
             storage_path=str(plan.output_dir.resolve()),
             stop=stopper,
-            callbacks=[*callbacks, stopper.running, *result_files(plan)],
+            callbacks=callbacks,
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=plan.num_to_keep, checkpoint_at_end=True,
                 checkpoint_frequency=plan.checkpoint_frequency,

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 from ray.tune.stopper import Stopper
 
 from rl_pbt.plan import StopRule
@@ -44,7 +45,7 @@ class RunningTrials(Callback):
         self.ids: set[str] = set()
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        self.ids = {trial.trial_id for trial in trials if trial.status == "RUNNING"}
+        self.ids = {trial.trial_id for trial in trials if trial.status == Trial.RUNNING}
 
 
 class PlanStopper(Stopper):
@@ -93,11 +94,12 @@ class PlanStopper(Stopper):
         if self._finishing is None:
             self._finishing, self._finishing_since = set(self.running.ids), now
         waiting = self._finishing & self.running.ids
-        if waiting and now - self._finishing_since >= self.grace_s:
+        timed_out = now - self._finishing_since >= self.grace_s
+        if waiting and timed_out:
             log.warning("the wall-time budget's wait for the last iteration of %s ended after "
                         "%.0f s; their newest checkpoints are older than their last results",
                         ", ".join(sorted(waiting)), self.grace_s)
-        return not waiting or now - self._finishing_since >= self.grace_s
+        return not waiting or timed_out
 
     @property
     def grace_s(self) -> float:

@@ -54,6 +54,8 @@ def trial_rows(plan: Plan, results: Any, exploits: Mapping[str, int]) -> list[di
         last = finals.get(trial_id, {})
         scored = records.last_scored(trial_id) or {}
         exploit = records.last_exploit(trial_id) if not scored else None
+        # A resume may have trained a trial on after the stop ASHA made before the kill.
+        early = stopped_early.get(trial_id)
         rows.append({
             "trial_id": trial_id,
             "return": finite(scored.get("return")),
@@ -65,9 +67,7 @@ def trial_rows(plan: Plan, results: Any, exploits: Mapping[str, int]) -> list[di
             "exploits": exploits.get(trial_id, 0),
             "retries": retries.get(trial_id, 0),
             "error": errors.get(trial_id),
-            # A resume may have trained a trial on after the stop ASHA made before the kill.
-            "stopped_early_at": stopped_early.get(trial_id) if stopped_early.get(trial_id)
-            == last.get("training_iteration") else None,
+            "stopped_early_at": early if early == last.get("training_iteration") else None,
             "unscored_since": exploit and {"source_id": exploit["source_id"],
                                            "iteration": exploit["iteration"]},
         })
