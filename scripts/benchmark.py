@@ -9,7 +9,9 @@
    runner, RLlib's 256x256 network, Tune's TensorBoard files. Median and spread over the seeds,
    and the ratio.
 2. PBT efficiency: sum over trials of training time / (wall time x concurrent trial slots); also
-   over the span from the first iteration's start to the last result (no process start or end).
+   over the span from the first iteration's start to the last result (no process start or end),
+   and that span's share of the wall time: the whole-run figure is the product of the two, so
+   the share is its ceiling, whatever PBT does between first and last result.
    The runs of 1. end when they solve, so a setup that solves sooner has its fixed start-up
    weigh more; hence also over equal runs: both setups with the same budget (``--equal-budget``,
    120 s, counted from Tune's start like ``--budget``), the target off, every trial training
@@ -102,6 +104,9 @@ def measure_run(args: list[str], budget: float) -> dict[str, Any]:
         "first_result_s": min(r["recorded_at"] for r in rows) - started,
         "efficiency": train_s / ((ended - started) * slots),
         "span_efficiency": train_s / (span * slots),
+        # The ceiling of "efficiency": the wall's share inside the span (efficiency = this x
+        # span_efficiency); the rest is the start before the first iteration and the end.
+        "span_share": span / (ended - started),
         "trial_steps_per_s": steps / train_s if train_s else None,
         "sampling_steps_per_s": sampled_steps / sample_s if sample_s else None,
         "slots": slots,
@@ -344,6 +349,9 @@ def write_results(out: Path, runs: dict, equal: dict, startup: dict, bares: list
         f"| the same, from the first iteration's start to the last result | "
         f"{spread([r['span_efficiency'] for r in ours], 2)} | "
         f"{spread([r['span_efficiency'] for r in ray], 2)} | |",
+        f"| share of the wall time inside that span (the ceiling of the efficiency) | "
+        f"{spread([r['span_share'] for r in ours], 2)} | "
+        f"{spread([r['span_share'] for r in ray], 2)} | |",
         f"| the same, over equal {args.equal_budget:.0f} s runs (target off) | "
         f"{spread(equal['rl_pbt'], 2)} | {spread(equal['ray_defaults'], 2)} | |",
         f"| one trial alone on the machine, env steps/s while training (start config) | "
