@@ -120,6 +120,9 @@ def test_the_lean_update_is_rllibs_update(ray_session, env, training):
     our_metrics, our_draw = _update_twice(ours, episodes)
     assert ours.lean_update_reason is None
     assert ours._flat_modules["default_policy"][1] is not None  # the flat training pass ran
+    # Every gradient step was the lean one (none handed to RLlib's), as many as RLlib took.
+    (their_adam,) = theirs._named_optimizers.values()
+    assert ours.lean_steps == int(next(iter(their_adam.state.values()))["step"]) > 0
     assert our_draw == their_draw
     their_weights = theirs.module.get_state()["default_policy"]
     our_weights = ours.module.get_state()["default_policy"]

@@ -67,3 +67,37 @@ print("torch._dynamo" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_step_hooks_and_the_profiler_see_its_steps_as_torchs():
+    """Its step skips torch's step wrapper only while nothing would see it: a step hook of its
+    own or a global one runs as on torch's Adam, and torch's profiler gets the step's range."""
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    calls: dict[str, list[str]] = {"ours": [], "torch's": []}
+    for name, optimizer_class in (("ours", EagerAdam), ("torch's", torch.optim.Adam)):
+        net = _net()
+        optimizer = optimizer_class(net.parameters(), fused=True)
+        seen = calls[name]
+        net(torch.ones(2, 4)).sum().backward()
+        optimizer.step()  # no hook yet
+        own = optimizer.register_step_pre_hook(lambda *_, seen=seen: seen.append("own pre"))
+        pre = register_optimizer_step_pre_hook(lambda *_, seen=seen: seen.append("pre"))
+        post = register_optimizer_step_post_hook(lambda *_, seen=seen: seen.append("post"))
+        try:
+            optimizer.step()
+        finally:
+            for handle in (own, pre, post):
+                handle.remove()
+        optimizer.step()  # hooks gone
+    assert calls["ours"] == calls["torch's"] == ["pre", "own pre", "post"]
+
+    net = _net()
+    optimizer = EagerAdam(net.parameters(), fused=True)
+    net(torch.ones(2, 4)).sum().backward()
+    with torch.profiler.profile() as profile:
+        optimizer.step()
+    assert "Optimizer.step#EagerAdam.step" in {event.name for event in profile.events()}
