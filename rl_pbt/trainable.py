@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import time
 from functools import cache
 from typing import Any
@@ -117,6 +118,7 @@ class PBTReady:
             "restored": self._restored_from is not None,
             "restored_from": self._restored_from,  # the checkpoint this iteration started from
             "node_id": ray.get_runtime_context().get_node_id(),  # where it ran, on a cluster
+            "pid": os.getpid(),  # the process: an exploit that reuses it keeps the same one
         }
         self._restored_from = None
         return result

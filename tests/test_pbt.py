@@ -4,6 +4,7 @@ really change the agent, and MLflow holds parent, children, schedules and exploi
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from conftest import TINY, compose_config
@@ -36,6 +37,17 @@ def _rows_of(rows, trial_id):
     return [r for r in rows if r["trial_id"] == trial_id]
 
 
+def _first_result_after(rows, event):
+    """The exploited trial's first result trained after the exploit, or None. The result that
+    triggered it is recorded just after the exploit (``RunRecorder.on_exploit``): skipped."""
+    after = sorted((r for r in _rows_of(rows, event["trial_id"])
+                    if r["recorded_at"] > event["wall_time"]), key=lambda r: r["recorded_at"])
+    if after and after[0]["training_iteration"] == event["iteration"] \
+            and not after[0]["probe"]["restored"]:
+        after = after[1:]
+    return after[0] if after else None
+
+
 def test_exploits_happen(pbt_run):
     _, summary, out = pbt_run
     assert summary["exploits"] >= 1
@@ -66,12 +78,11 @@ def test_exploit_trains_with_new_values_from_the_clones_weights(pbt_run):
     events = read_jsonl(out / EXPLOITS_FILE)
     checked = changed = 0
     for event in events:
-        after = [r for r in _rows_of(rows, event["trial_id"])
-                 if r["probe"]["restored"] and r["recorded_at"] > event["wall_time"]]
-        if not after:
+        first = _first_result_after(rows, event)
+        if first is None:
             continue  # the trial was stopped before it trained again
-        first = min(after, key=lambda r: r["recorded_at"])
         probe, iteration = first["probe"], first["training_iteration"]
+        assert probe["restored"], ("trained on after the exploit without the clone", event)
         assert probe["lr_first_update"] == pytest.approx(event["new"]["lr"], rel=1e-6)
         # A trial that cloned the same trial before can get the same value again.
         changed += event["new"]["lr"] != pytest.approx(event["old"]["lr"], rel=1e-9)
@@ -119,3 +130,24 @@ def test_mlflow_has_parent_children_schedule_and_exploits(pbt_run, mlflow_server
             assert any(a.path == "exploits" for a in client.list_artifacts(child.info.run_id))
     assert exploited >= 1
 
+
+
+def test_an_exploit_keeps_the_process(pbt_run):
+    """No new process per exploit (RLlib's Algorithm has no ``reset_config``; rl_pbt's trainable
+    takes the new config in place): every trial trains in one of the processes the run started
+    for its slots, and the first result after each exploit comes from a process that had
+    trained before."""
+    _, summary, out = pbt_run
+    rows = read_jsonl(out / TRIALS_FILE)
+    started_at: dict[int, float] = {}
+    for row in sorted(rows, key=lambda r: r["recorded_at"]):
+        started_at.setdefault(row["probe"]["pid"], row["recorded_at"])
+    slots = int(re.search(r"(\d+) trials? trains? at once", summary["concurrency"])[1])
+    assert len(started_at) == slots, started_at
+    reused = 0
+    for event in read_jsonl(out / EXPLOITS_FILE):
+        first = _first_result_after(rows, event)
+        if first is not None:
+            assert started_at[first["probe"]["pid"]] < event["wall_time"]
+            reused += 1
+    assert reused >= 1
