@@ -184,7 +184,8 @@ class RecordingExploits(ExploitListeners):
         """Ray's choice; places held for a new round are given back once no actor is kept, no
         trial is waiting to run, or the next one needs other resources than the kept actors
         hold (it could not take them, and they would keep its resources)."""
-        choice = super().choose_trial_to_run(tune_controller)  # type: ignore[misc]
+        choice = self._spare_booting_actor(
+            tune_controller, super().choose_trial_to_run(tune_controller))  # type: ignore[misc]
         if self._reserved:
             cache = _actor_cache(tune_controller)
             if (choice is None or not cache.num_cached_objects or any(
@@ -193,6 +194,31 @@ class RecordingExploits(ExploitListeners):
                     cache.decrease_max(key, places)
                 self._reserved.clear()
         return choice
+
+    def _spare_booting_actor(self, tune_controller: Any, choice: Trial | None) -> Trial | None:
+        """Another trial due to run when Ray's choice would take a kept actor while a process
+        of its own is still booting: Tune gives it the kept actor and kills the booting one.
+
+        Synchronous PBT pauses each trial at the round's end to let the others catch up. With
+        rounds shorter than a process's start (4 s on 2 cores; a test's rounds take 0.1 s), the
+        first trial's actor went to the trial whose own process was booting, then to the next,
+        and so on: the whole run trained in one process, the second slot's starts killed one by
+        one (3 runs in 6 here, with a busy core during the start). Trials whose process is up,
+        or that wait for resources, take the kept actor first; Ray's order stands among them.
+        """
+        if choice is None or not _booting(tune_controller, choice) or \
+                not _actor_cache(tune_controller).has_cached_object(choice.placement_group_factory):
+            return choice
+        synch = getattr(self, "_synch", False)
+        others = [t for t in tune_controller.get_trials()
+                  if t is not choice and t.status in (Trial.PENDING, Trial.PAUSED)
+                  and t.placement_group_factory == choice.placement_group_factory
+                  and (not synch or self._trial_state[t].last_train_time
+                       < self._next_perturbation_sync)
+                  and not _booting(tune_controller, t)]
+        if not others:
+            return choice
+        return min(others, key=lambda t: self._trial_state[t].last_train_time)
 
     def _one_turn_at_a_time(self, tune_controller: Any, trial: Trial) -> str:
         """Hand over one trial's turn at a time when the population takes turns (async PBT).
@@ -295,6 +321,15 @@ def _cached_decisions(tune_controller: Any) -> dict[str, str]:
 def _controller(tune_controller: Any) -> Any:
     """Tune's controller behind the wrapper that schedulers are handed (when there is one)."""
     return getattr(tune_controller, "_tune_controller", tune_controller)
+
+
+def _booting(tune_controller: Any, trial: Trial) -> bool:
+    """Whether the trial's own actor has its resources and its process is starting (private to
+    Tune, as above)."""
+    controller = _controller(tune_controller)
+    actor = controller._trial_to_actor.get(trial)
+    return (actor is not None and actor not in controller._started_actors
+            and controller._actor_manager.is_actor_started(actor))
 
 
 def _actor_cache(tune_controller: Any) -> Any:

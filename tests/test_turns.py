@@ -113,7 +113,8 @@ def test_synchronous_round_closer_keeps_its_actor_until_the_next_round_takes_bot
     closer, behind = FakeTrial(Trial.RUNNING, "closer"), FakeTrial(Trial.PAUSED, "behind")
     closer.placement_group_factory = behind.placement_group_factory = "cpu"
     scheduler._trial_state = {behind: SimpleNamespace(last_train_time=2)}
-    tune_controller = SimpleNamespace(get_trials=lambda: [behind], _actor_cache=cache)
+    tune_controller = SimpleNamespace(get_trials=lambda: [behind], _actor_cache=cache,
+                                      _trial_to_actor={})
     scheduler._keep_actors_for_next_round(tune_controller, closer)
     assert cache.cache_object("cpu", "closer")
     assert list(cache.flush_cached_objects()) == []  # Tune's clean-up after the step keeps both
@@ -157,12 +158,54 @@ def test_places_held_for_a_round_are_given_back_to_a_trial_that_needs_other_reso
     closer, behind = FakeTrial(Trial.RUNNING, "closer"), FakeTrial(Trial.PAUSED, "behind")
     closer.placement_group_factory, behind.placement_group_factory = "1 cpu", "2 cpus"
     scheduler._trial_state = {behind: SimpleNamespace(last_train_time=2)}
-    tune_controller = SimpleNamespace(get_trials=lambda: [behind], _actor_cache=cache)
+    tune_controller = SimpleNamespace(get_trials=lambda: [behind], _actor_cache=cache,
+                                      _trial_to_actor={})
     scheduler._keep_actors_for_next_round(tune_controller, closer)
     assert cache.cache_object("1 cpu", "closer")
     assert scheduler.choose_trial_to_run(tune_controller) is behind
     assert cache.total_max_objects == 0
     assert list(cache.flush_cached_objects(force_all=True)) == ["closer"]
+
+
+class FakeActors:
+    """Tune's actor manager as ``_booting`` reads it: which actors have their resources."""
+
+    def __init__(self, placed: set) -> None:
+        self.placed = placed
+
+    def is_actor_started(self, actor: str) -> bool:
+        return actor in self.placed
+
+
+@pytest.mark.parametrize("synch", [True, False])
+def test_a_kept_actor_goes_to_a_trial_whose_own_process_is_not_booting(synch):
+    """Ray picks the least trained trial; when that one's own process is booting, Tune would
+    give it the kept actor and kill the booting one (round after round, with rounds shorter
+    than a start: the whole run in one process). Another trial due to run takes it instead."""
+    scheduler = pbt()
+    scheduler._synch, scheduler._next_perturbation_sync = synch, 4
+    booting, waiting, up = (FakeTrial(Trial.PENDING, name) for name in ("b", "w", "u"))
+    done = FakeTrial(Trial.PAUSED, "done")  # at the sync point already
+    for trial in (booting, waiting, up, done):
+        trial.placement_group_factory = "cpu"
+    scheduler._trial_state = {booting: SimpleNamespace(last_train_time=0),
+                              waiting: SimpleNamespace(last_train_time=1),
+                              up: SimpleNamespace(last_train_time=2),
+                              done: SimpleNamespace(last_train_time=4)}
+    cache = _ObjectCache(may_keep_one=True)
+    tune_controller = SimpleNamespace(
+        get_trials=lambda: [done, up, waiting, booting], _actor_cache=cache,
+        # b's process is starting; w's actor waits for resources; u's process is up.
+        _trial_to_actor={booting: "B", waiting: "W", up: "U"}, _started_actors={"U"},
+        _actor_manager=FakeActors({"B", "U"}))
+    assert scheduler.choose_trial_to_run(tune_controller) is booting  # no kept actor: Ray's
+    assert cache.cache_object("cpu", "kept")
+    assert scheduler.choose_trial_to_run(tune_controller) is waiting
+    tune_controller._actor_manager.placed.add("W")  # both due trials' processes are booting
+    up.status = Trial.RUNNING
+    # Synchronous: the paused trial waits at the sync point, so Ray's choice stands; else the
+    # paused trial, whose actor went to the cache, takes the kept one.
+    assert scheduler.choose_trial_to_run(tune_controller) is (booting if synch else done)
 
 
 def lockstep_trainable() -> type:
