@@ -15,8 +15,7 @@ runs inside it:
   the last minibatch reports (``window=1``) are computed for that one only, and the module is
   put in training mode once per update instead of at every minibatch.
 - Gradients are checked for nan/inf with one fused kernel instead of two checks per tensor;
-  RLlib's own handling runs when that one finds something. They are cleared by setting them to
-  None (what each optimizer's ``zero_grad`` does, behind a profiler range per call).
+  RLlib's own handling runs when that one finds something.
 - The steps trained are added up over the minibatches and logged once per update (RLlib logs
   eight values per minibatch): the same sums, lifetime sums and Ray counters.
 
@@ -101,7 +100,6 @@ class LeanPPOLearner(FusedAdamPPOLearner):
         super().__init__(**kwargs)
         self._flat_modules: dict[Any, tuple[Any, FlatPPOModule | None]] = {}
         self._trained = _TrainedSteps()
-        self._optimized: list[torch.nn.Parameter] = []
 
     def _create_iterator_if_necessary(self, *, training_data: Any, **kwargs: Any) -> Any:
         iterator = super()._create_iterator_if_necessary(training_data=training_data, **kwargs)
@@ -109,9 +107,7 @@ class LeanPPOLearner(FusedAdamPPOLearner):
         self._lean_active, self._final_batch = self.lean_update_reason is None, None
         if not self._lean_active:
             return iterator
-        self._trained = _TrainedSteps()
-        self._optimized = [param for optimizer in self._optimizer_parameters
-                           for group in optimizer.param_groups for param in group["params"]]
+        self._trained = _TrainedSteps()  # also drops what an update that failed left
         return self._index_minibatches(iterator)
 
     def after_gradient_based_update(self, *, timesteps: dict) -> None:
@@ -224,19 +220,6 @@ class LeanPPOLearner(FusedAdamPPOLearner):
             self.metrics.log_dict(ppo_stats(terms, batch), key=module_id, window=1)
         return total
 
-    def compute_gradients(self, loss_per_module: dict[Any, Any], **kwargs: Any) -> dict:
-        """RLlib's, with the gradients set to None directly: each optimizer's ``zero_grad``
-        (set_to_none, as RLlib calls it) does the same behind a profiler range per call."""
-        if not self._lean_active:
-            return super().compute_gradients(loss_per_module, **kwargs)
-        for param in self._optimized:
-            param.grad = None
-        total_loss = sum(loss_per_module.values())
-        if isinstance(total_loss, int) or total_loss.grad_fn is None:  # as RLlib's
-            return {}
-        total_loss.backward()
-        return {pid: param.grad for pid, param in self._params.items()}
-
     def _log_steps_trained_metrics(self, batch: MultiAgentBatch) -> None:
         """RLlib logs eight values per minibatch. In a lean update the steps are added up and
         logged once, after the last minibatch (the same sums and lifetime sums; the
@@ -256,7 +239,6 @@ class LeanPPOLearner(FusedAdamPPOLearner):
         """Ray's counters of steps trained, counted once per lean update (the same totals)."""
         if not self._lean_active or int(batch.env_steps()) <= 0:
             return super()._log_metrics(batch)
-        self._trained.counted_env_steps += int(batch.env_steps())
         self._trained.counted_module_steps += sum(map(len, batch.policy_batches.values()))
         return None
 
@@ -277,11 +259,10 @@ class LeanPPOLearner(FusedAdamPPOLearner):
                 with_throughput=True)
             log((ALL_MODULES, NUM_ENV_STEPS_TRAINED_LIFETIME), trained.env_steps,
                 reduce="lifetime_sum", with_throughput=True)
-        if trained.counted_env_steps:
-            self._metrics_all_modules_num_env_steps_trained.inc(value=trained.counted_env_steps)
+        if trained.env_steps:  # a minibatch without env steps went RLlib's way (_log_metrics)
+            self._metrics_all_modules_num_env_steps_trained.inc(value=trained.env_steps)
             self._metrics_all_modules_num_module_steps_trained.inc(
                 value=trained.counted_module_steps)
-        self._trained = _TrainedSteps()
 
     def apply_gradients(self, gradients_dict: Any) -> None:
         """RLlib checks every gradient tensor for nan/inf twice (when setting it, and again
@@ -330,7 +311,7 @@ class _TrainedSteps:
     def __init__(self) -> None:
         self.module_steps: dict[Any, int] = {}
         self.env_steps = 0
-        self.counted_env_steps = 0
+        #: Module steps of the minibatches with env steps, Ray's counter's (as RLlib counts).
         self.counted_module_steps = 0
 
 

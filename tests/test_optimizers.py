@@ -71,7 +71,8 @@ print("torch._dynamo" in sys.modules)
 
 def test_step_hooks_and_the_profiler_see_its_steps_as_torchs():
     """Its step skips torch's step wrapper only while nothing would see it: a step hook of its
-    own or a global one runs as on torch's Adam, and torch's profiler gets the step's range."""
+    own or a global one runs as on torch's Adam, and torch's profiler gets the step's and
+    zero_grad's ranges."""
     from torch.optim.optimizer import (
         register_optimizer_step_post_hook,
         register_optimizer_step_pre_hook,
@@ -100,4 +101,18 @@ def test_step_hooks_and_the_profiler_see_its_steps_as_torchs():
     net(torch.ones(2, 4)).sum().backward()
     with torch.profiler.profile() as profile:
         optimizer.step()
-    assert "Optimizer.step#EagerAdam.step" in {event.name for event in profile.events()}
+        optimizer.zero_grad()
+    names = {event.name for event in profile.events()}
+    assert {"Optimizer.step#EagerAdam.step", "Optimizer.zero_grad#EagerAdam.zero_grad"} <= names
+
+
+def test_zero_grad_clears_as_torchs():
+    """Without the profiler range: set_to_none drops every gradient; otherwise torch's own
+    zeroing runs."""
+    net = _net()
+    optimizer = EagerAdam(net.parameters(), fused=True)
+    net(torch.ones(2, 4)).sum().backward()
+    optimizer.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in net.parameters())
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in net.parameters())
