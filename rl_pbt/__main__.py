@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import hydra
 from omegaconf import DictConfig
@@ -29,10 +32,11 @@ from rl_pbt.errors import ConfigError, Interrupted
 def main(cfg: DictConfig) -> float | None:
     """Tune one population; return the best score (what a Hydra sweeper would optimise)."""
     try:
-        if not cfg.get("resume"):
-            local_ray.start_early(cfg.get("resources") or {})
-        from rl_pbt.run import run  # 2-3 s of imports: a Ctrl-C may land here
-        from rl_pbt.summary import every_trial_failed
+        with interrupt_after_imports():
+            if not cfg.get("resume"):
+                local_ray.start_early(cfg.get("resources") or {})
+            from rl_pbt.run import run  # 2-3 s of imports: a Ctrl-C may land here
+            from rl_pbt.summary import every_trial_failed
 
         if _first_job_of_a_multirun():
             check_sweep_jobs(sys.argv[1:])  # every job's config, while Ray starts
@@ -52,6 +56,30 @@ def main(cfg: DictConfig) -> float | None:
         _failed_runs.append(summary["output_dir"])
     best = summary.get("best")
     return best["return"] if best else None
+
+
+@contextmanager
+def interrupt_after_imports() -> Iterator[None]:
+    """Hold a Ctrl-C until the imports inside are done, then raise it.
+
+    Python raises KeyboardInterrupt at whatever bytecode runs: once (CI, 2026-12-07) inside the
+    import machinery's module-lock callback, which ignored it ("Exception ignored in:
+    _get_module_lock.<locals>.cb") with the import lock still held, and the process hung on its
+    next import. A Ctrl-C in these seconds is acted on when they end instead.
+    """
+    caught: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        caught.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is hold:  # unless an import set its own
+            signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def interrupted(resume_dir: str | None = None) -> NoReturn:
